@@ -1,0 +1,38 @@
+"""hf_mae: Masked Autoencoder (MAE) and Distilled MAE pretraining of Vision Transformers, the HuggingFace way."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_mae import PRESETS, MAEConfig
+from .modeling_mae import (
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+    MAEPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+# `import hf_mae` makes the Auto classes know our model type ...
+AutoConfig.register(MAEConfig.model_type, MAEConfig)
+AutoModel.register(MAEConfig, MAEModel)
+AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining)
+AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification)
+# ... and every save_pretrained ships the code, so `trust_remote_code=True` loads it where hf_mae is not installed.
+MAEConfig.register_for_auto_class()
+MAEModel.register_for_auto_class("AutoModel")
+MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "PRESETS",
+    "MAEConfig",
+    "MAEModel",
+    "MAEPreTrainedModel",
+    "MAEForPreTraining",
+    "MAEForImageClassification",
+]

@@ -1,0 +1,594 @@
+"""Masked Autoencoder (He et al., 2021) as HuggingFace models.
+
+The stages read top to bottom as in the official `models_mae.py`: `patchify`, `random_masking`, the visible-only
+encoder (`MAEModel`), the decoder with mask tokens (`MAEDecoder`) and the loss (`hf_mae.losses`).
+Mask convention, everywhere in this package: 0 = visible (kept), 1 = removed.
+
+Parameter names follow the official MAE / timm layout (`patch_embed.proj`, `blocks.N.attn.qkv`, ...), so official
+and timm checkpoints convert by renaming prefixes only. This file imports nothing from hf_mae but its config and
+loss functions, so `save_pretrained` can ship it as remote code that loads without hf_mae installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_mae import MAEConfig
+from .losses import classification_loss, mae_reconstruction_loss
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------------------------------------------------
+def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding [1 (cls) + grid_h * grid_w, embed_dim], row-major over the patch grid.
+
+    Laid out as the released MAE weights expect: the first half encodes the column (w) index, the second half the
+    row (h) index, each half `[sin | cos]` with frequencies 1 / 10000^(i / (D/4)). The cls slot is zeros.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos embeddings, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    out_w = cols.flatten()[:, None] * omega[None]  # [L, D/4]
+    out_h = rows.flatten()[:, None] * omega[None]
+    pos = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # [L, D]
+    if cls_token:
+        pos = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), pos], dim=0)
+    return pos.float()
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Bicubic resize of a square [1, 1 + n*n, D] position table (cls slot first) to a grid_h x grid_w grid."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    n = math.isqrt(patch_pos.shape[1])
+    if n * n != patch_pos.shape[1]:
+        raise ValueError(f"position table of {patch_pos.shape[1]} patches is not a square grid")
+    if (n, n) == (grid_h, grid_w):
+        return pos_embed
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class MAEModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state: [B, 1 + kept, D] encoder output (cls first), after the final LayerNorm.
+        mask: [B, L], 0 = visible, 1 = removed (all zeros without masking).
+        ids_restore: [B, L], the permutation that undoes the shuffle of `random_masking`.
+        ids_keep: [B, kept], indices of the visible patches, in the order the encoder saw them.
+        hidden_states: embeddings + each block's output, before the final norm (with `output_hidden_states`).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    mask: torch.LongTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    ids_keep: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MAEForPreTrainingOutput(ModelOutput):
+    """
+    Args:
+        loss: reconstruction loss on the removed patches.
+        logits: [B, L, patch_size**2 * num_channels] predicted pixels of every patch (normalised per patch when
+            `norm_pix_loss`).
+        mask: [B, L], 0 = visible, 1 = removed.
+        ids_restore: [B, L], undoes the shuffle.
+        hidden_states: encoder hidden states (with `output_hidden_states`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.LongTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------------
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    # Written here rather than imported from timm so the remote-code copy of this file needs only torch/transformers.
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class MAEPatchEmbed(nn.Module):
+    """Conv with stride = kernel = patch size: [B, C, H, W] -> [B, H/p * W/p, D]."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)
+
+
+class MAEAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, N, head_dim]
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MAEMlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MAEBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block (timm's `Block` as used by the official MAE)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = MAEAttention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MAEMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Base class: init, strict loading, model card
+# ----------------------------------------------------------------------------------------------------------------------
+class MAEPreTrainedModel(PreTrainedModel):
+    config_class = MAEConfig
+    config: MAEConfig
+    base_model_prefix = "mae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MAEBlock"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = True
+    # Checkpoint keys that may be absent / left over without failing the load (regexes, logged in one line each).
+    _allowed_missing_keys: tuple[str, ...] = ()
+    _allowed_unexpected_keys: tuple[str, ...] = ()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The official MAE init. `init.*` helpers leave tensors loaded from a checkpoint untouched. transformers only
+        # calls this for modules that own parameters directly, hence the per-leaf dispatch.
+        if isinstance(module, nn.Linear):
+            # the classification head carries its own std (trunc-normal 2e-5 fine-tuning, 0.01 linear probe)
+            head_std = getattr(module, "head_init_std", None)
+            if head_std is not None:
+                init.trunc_normal_(module.weight, std=head_std)
+            else:
+                init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # the patch embedding is initialised like a Linear on the flattened patch, not like a Conv
+            weight = module.weight
+            if not getattr(weight, "_is_hf_initialized", False):
+                flat = torch.empty(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
+                nn.init.xavier_uniform_(flat)
+                init.copy_(weight, flat.view_as(weight))
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+        elif isinstance(module, MAEModel):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            init.copy_(module.pos_embed, get_2d_sincos_pos_embed(module.pos_embed.shape[-1], *module.grid_size)[None])
+        elif isinstance(module, MAEDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.copy_(module.pos_embed, get_2d_sincos_pos_embed(module.pos_embed.shape[-1], *module.grid_size)[None])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing or unexpected keys is an error.
+
+        Keys that a class expects to differ (a new classification head, a dropped decoder) are logged in one line.
+        Pass `strict=False` to fall back to transformers' warn-and-initialise behaviour.
+        """
+        strict = kwargs.pop("strict", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems = []
+        for kind, allowed in (
+            ("missing", cls._allowed_missing_keys),
+            ("unexpected", cls._allowed_unexpected_keys),
+        ):
+            keys = sorted(info.get(f"{kind}_keys") or ())
+            tolerated = [k for k in keys if any(re.search(p, k) for p in allowed)]
+            rest = [k for k in keys if k not in tolerated]
+            if tolerated:
+                groups = sorted({k.split(".")[0] for k in tolerated})
+                verb = "newly initialised" if kind == "missing" else "dropped"
+                logger.info("%s: %s %d tensors (%s)", cls.__name__, verb, len(tolerated), ", ".join(groups))
+            if rest:
+                problems.append(f"{kind} keys: {', '.join(rest[:20])}{' ...' if len(rest) > 20 else ''}")
+        if info.get("mismatched_keys"):
+            problems.append(f"mismatched shapes: {info['mismatched_keys']}")
+        if problems and strict:
+            raise ValueError(
+                f"Checkpoint {pretrained_model_name_or_path!s} does not fit {cls.__name__}: "
+                + "; ".join(problems)
+                + ". Convert it with `python -m hf_mae.convert` or pass strict=False to load it partially."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", True)
+        if is_main:
+            from pathlib import Path
+
+            card = Path(save_directory) / "README.md"
+            if not card.exists():
+                card.write_text(default_model_card(self), encoding="utf-8")
+
+
+def default_model_card(model: MAEPreTrainedModel) -> str:
+    """A model card from the config alone; training code writes a richer one with the recipe and results."""
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    task = "image-classification" if isinstance(model, MAEForImageClassification) else "image-feature-extraction"
+    return f"""---
+library_name: transformers
+pipeline_tag: {task}
+tags:
+- hf_mae
+- mae
+- masked-autoencoder
+- vision
+- self-supervised
+---
+
+# {type(model).__name__} (hf_mae)
+
+Vision Transformer trained with the Masked Autoencoder recipe, saved by
+[hf_mae](https://github.com/hf-mae/hf_mae).
+
+| field | value |
+|---|---|
+| image size / patch | {c.image_size} / {c.patch_size} |
+| encoder | {c.hidden_size} wide, {c.num_hidden_layers} blocks, {c.num_attention_heads} heads |
+| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} blocks, {c.decoder_num_attention_heads} heads |
+| mask ratio | {c.mask_ratio} |
+| norm_pix_loss | {c.norm_pix_loss} |
+| parameters | {n_params / 1e6:.2f} M |
+
+## Use
+
+```python
+import hf_mae  # registers the classes; or pass trust_remote_code=True without hf_mae installed
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/or/repo")
+```
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------------------------------
+class MAEModel(MAEPreTrainedModel):
+    """The ViT encoder. With a mask ratio > 0 it sees only the visible patches (MAE pretraining); with
+    `mask_ratio=0.0` it encodes the whole image in order (fine-tuning, features)."""
+
+    def __init__(self, config: MAEConfig, add_final_norm: bool = True):
+        super().__init__(config)
+        self.grid_size = (config.image_size // config.patch_size,) * 2
+        self.patch_embed = MAEPatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # fixed sin-cos table, stored in checkpoints; frozen in pretraining, learnable in fine-tuning as in MAE
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.hidden_size), requires_grad=False)
+        dpr = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.blocks = nn.ModuleList(
+            MAEBlock(
+                config.hidden_size,
+                config.num_attention_heads,
+                config.mlp_ratio,
+                config.qkv_bias,
+                config.layer_norm_eps,
+                drop_path=dpr[i],
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_norm else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Patch embeddings plus position embeddings, without the cls token: [B, L, D]."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}"
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but config.num_channels={self.config.num_channels}"
+            )
+        p = self.config.patch_size
+        if interpolate_pos_encoding:
+            if height % p or width % p:
+                raise ValueError(f"image size {height}x{width} is not divisible by config.patch_size={p}")
+        elif (height, width) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"Input image size {height}x{width} does not match config.image_size={self.config.image_size}; "
+                "resize the images or pass interpolate_pos_encoding=True"
+            )
+        pos_embed = interpolate_pos_embed(self.pos_embed, height // p, width // p)
+        return self.patch_embed(pixel_values) + pos_embed[:, 1:]
+
+    @staticmethod
+    def random_masking(
+        x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample shuffle by argsort of uniform noise; keep the first `int(L * (1 - mask_ratio))` patches.
+
+        Returns the kept tokens [B, kept, D], the mask [B, L] (0 keep, 1 remove), `ids_restore` [B, L] and
+        `ids_keep` [B, kept].
+        """
+        B, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(B, L, device=x.device)
+        elif noise.shape != (B, L):
+            raise ValueError(f"noise must have shape [batch, num_patches] = [{B}, {L}], got {list(noise.shape)}")
+        ids_shuffle = torch.argsort(noise.to(x.device), dim=1)  # ascend: small is keep
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        mask = torch.ones(B, L, device=x.device, dtype=x.dtype)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_kept, mask, ids_restore, ids_keep
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ) -> MAEModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] normalised images.
+            noise: [B, L] values whose argsort decides the mask (small = kept); fixes the mask for tests.
+            mask_ratio: overrides `config.mask_ratio`; 0.0 encodes every patch in order (no shuffle).
+            interpolate_pos_encoding: accept other resolutions by resizing the position table.
+            output_hidden_states: also return the embeddings and every block's output (before the final norm).
+        """
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        x = self.embed(pixel_values, interpolate_pos_encoding)  # [B, L, D]
+        B, L, _ = x.shape
+        if mask_ratio > 0:
+            x, mask, ids_restore, ids_keep = self.random_masking(x, mask_ratio, noise)
+        else:
+            mask = x.new_zeros(B, L)
+            ids_restore = ids_keep = torch.arange(L, device=x.device).expand(B, L)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + kept, D]
+        hidden_states = (x,) if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x)
+            if output_hidden_states:
+                hidden_states += (x,)
+        x = self.norm(x)
+        out = MAEModelOutput(x, mask, ids_restore, ids_keep, hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder and pretraining model
+# ----------------------------------------------------------------------------------------------------------------------
+class MAEDecoder(nn.Module):
+    """Light decoder: project, append mask tokens, unshuffle, add fixed sin-cos, blocks, predict pixels."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        dim = config.decoder_hidden_size
+        self.grid_size = (config.image_size // config.patch_size,) * 2
+        self.embed = nn.Linear(config.hidden_size, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            MAEBlock(dim, config.decoder_num_attention_heads, config.decoder_mlp_ratio, True, config.layer_norm_eps)
+            for _ in range(config.decoder_num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """latent [B, 1 + kept, D_enc] -> predicted pixels [B, L, p*p*C] (cls output dropped)."""
+        x = self.embed(latent)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, L + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd], shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], x_], dim=1) + interpolate_pos_embed(self.pos_embed, *grid_size)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+
+class MAEForPreTraining(MAEPreTrainedModel):
+    """MAE encoder + decoder with the reconstruction loss on the removed patches."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.mae = MAEModel(config)
+        self.decoder = MAEDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.patch_embed
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, p*p*C], each patch row-major with channels last (the official order)."""
+        p, c = self.config.patch_size, self.config.num_channels
+        B, _, H, W = pixel_values.shape
+        x = pixel_values.reshape(B, c, H // p, p, W // p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, L, p*p*C] -> [B, C, H, W]."""
+        p, c = self.config.patch_size, self.config.num_channels
+        H, W = image_size or (self.config.image_size,) * 2
+        h, w = H // p, W // p
+        if h * w != patches.shape[1]:
+            raise ValueError(f"{patches.shape[1]} patches do not tile an image of {H}x{W} with patch size {p}")
+        x = patches.reshape(patches.shape[0], h, w, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(patches.shape[0], c, H, W)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MAEForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] normalised images.
+            noise: [B, L] values whose argsort fixes the mask (small = kept).
+            interpolate_pos_encoding: accept other resolutions by resizing both position tables.
+            output_hidden_states: also return the encoder's hidden states.
+        """
+        enc = self.mae(
+            pixel_values,
+            noise=noise,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+        )
+        p = self.config.patch_size
+        grid = (pixel_values.shape[2] // p, pixel_values.shape[3] // p)
+        logits = self.decoder(enc.last_hidden_state, enc.ids_restore, grid)
+        loss = mae_reconstruction_loss(
+            logits, self.patchify(pixel_values), enc.mask, self.config.norm_pix_loss, self.config.norm_pix_eps
+        )
+        out = MAEForPreTrainingOutput(loss, logits, enc.mask, enc.ids_restore, enc.hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification (fine-tuning and linear probing)
+# ----------------------------------------------------------------------------------------------------------------------
+class MAEForImageClassification(MAEPreTrainedModel):
+    """Encoder on all patches + head. `pooling="mean"`: average of patch tokens -> `fc_norm` -> head (MAE fine-tuning,
+    the encoder's final norm unused and not built). `pooling="cls"`: final-normed cls token -> head.
+    `head_type="linear_probe"`: BatchNorm without affine + Linear on a frozen encoder (MAE linear probing)."""
+
+    _allowed_missing_keys = (r"^classifier\.", r"^fc_norm\.")
+    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.")
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mae = MAEModel(config, add_final_norm=config.pooling == "cls")
+        self.mae.pos_embed.requires_grad_(config.head_type != "linear_probe")
+        self.fc_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else nn.Identity()
+        )
+        linear = nn.Linear(config.hidden_size, config.num_labels)
+        linear.head_init_std = 0.01 if config.head_type == "linear_probe" else config.head_init_std
+        if config.head_type == "linear_probe":
+            self.classifier = nn.Sequential(nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6), linear)
+            self.mae.requires_grad_(False)  # only the head learns, as in MAE's linear probing
+            self.fc_norm.requires_grad_(False)
+        else:
+            self.classifier = linear
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.patch_embed
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values: [B, C, H, W] normalised images.
+            labels: class ids [B] (int) or soft targets [B, num_labels] (float, e.g. from Mixup / CutMix).
+        """
+        enc = self.mae(
+            pixel_values,
+            mask_ratio=0.0,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+        )
+        x = enc.last_hidden_state
+        features = self.fc_norm(x[:, 1:].mean(dim=1)) if self.config.pooling == "mean" else x[:, 0]
+        logits = self.classifier(features)
+        loss = classification_loss(logits, labels) if labels is not None else None
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=enc.hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+
+__all__ = [
+    "MAEPreTrainedModel",
+    "MAEModel",
+    "MAEForPreTraining",
+    "MAEForImageClassification",
+    "MAEModelOutput",
+    "MAEForPreTrainingOutput",
+    "get_2d_sincos_pos_embed",
+    "interpolate_pos_embed",
+]
