@@ -11,10 +11,13 @@ loss functions, so `save_pretrained` can ship it as remote code that loads witho
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,11 @@ from .configuration_mae import MAEConfig
 from .losses import classification_loss, mae_reconstruction_loss
 
 logger = logging.getLogger(__name__)
+
+# (strict, source) of the `from_pretrained` call in progress; read by `_adjust_missing_and_unexpected_keys`.
+_STRICT_LOADING: contextvars.ContextVar[tuple[bool, str]] = contextvars.ContextVar(
+    "_STRICT_LOADING", default=(True, "?")
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,50 +234,84 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.copy_(module.pos_embed, get_2d_sincos_pos_embed(module.pos_embed.shape[-1], *module.grid_size)[None])
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint with missing or unexpected keys is an error.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that missing or unexpected checkpoint keys are an error.
 
-        Keys that a class expects to differ (a new classification head, a dropped decoder) are logged in one line.
-        Pass `strict=False` to fall back to transformers' warn-and-initialise behaviour.
+        Keys this class expects to differ (a new classification head, a dropped decoder) are logged in one line each.
+        `strict=False` falls back to transformers' warn-and-initialise behaviour.
         """
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        token = _STRICT_LOADING.set((strict, str(pretrained_model_name_or_path)))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            _STRICT_LOADING.reset(token)
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # transformers' hook between loading and its report: tolerate what the class allows, reject the rest
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        strict, source = _STRICT_LOADING.get()
         problems = []
-        for kind, allowed in (
-            ("missing", cls._allowed_missing_keys),
-            ("unexpected", cls._allowed_unexpected_keys),
-        ):
-            keys = sorted(info.get(f"{kind}_keys") or ())
-            tolerated = [k for k in keys if any(re.search(p, k) for p in allowed)]
-            rest = [k for k in keys if k not in tolerated]
+        for kind, allowed in (("missing", self._allowed_missing_keys), ("unexpected", self._allowed_unexpected_keys)):
+            keys = getattr(loading_info, f"{kind}_keys")
+            tolerated = {k for k in keys if any(re.search(p, k) for p in allowed)}
             if tolerated:
-                groups = sorted({k.split(".")[0] for k in tolerated})
-                verb = "newly initialised" if kind == "missing" else "dropped"
-                logger.info("%s: %s %d tensors (%s)", cls.__name__, verb, len(tolerated), ", ".join(groups))
+                groups = ", ".join(sorted({k.rsplit(".", 1)[0].split(".")[0] for k in tolerated}))
+                action = "newly initialised" if kind == "missing" else "dropped"
+                logger.info(
+                    "%s from %s: %s %d tensors (%s)", type(self).__name__, source, action, len(tolerated), groups
+                )
+            rest = sorted(set(keys) - tolerated)
+            setattr(loading_info, f"{kind}_keys", set(rest))
             if rest:
                 problems.append(f"{kind} keys: {', '.join(rest[:20])}{' ...' if len(rest) > 20 else ''}")
-        if info.get("mismatched_keys"):
-            problems.append(f"mismatched shapes: {info['mismatched_keys']}")
         if problems and strict:
             raise ValueError(
-                f"Checkpoint {pretrained_model_name_or_path!s} does not fit {cls.__name__}: "
-                + "; ".join(problems)
-                + ". Convert it with `python -m hf_mae.convert` or pass strict=False to load it partially."
+                f"Checkpoint {source} does not fit {type(self).__name__}: {'; '.join(problems)}. "
+                "Convert foreign checkpoints with `python -m hf_mae.convert`, or pass strict=False to load partially."
             )
-        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) plus a model card if none is there."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        is_main = kwargs.get("is_main_process", True)
-        if is_main:
-            from pathlib import Path
+        card = Path(save_directory) / "README.md"
+        if kwargs.get("is_main_process", True) and not card.exists():
+            card.write_text(default_model_card(self), encoding="utf-8")
 
-            card = Path(save_directory) / "README.md"
-            if not card.exists():
-                card.write_text(default_model_card(self), encoding="utf-8")
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload hf_mae model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ):
+        """Upload what `save_pretrained` writes. A model card already on the Hub repo is kept, else ours is sent
+        (transformers' own `push_to_hub` would replace it by an empty template)."""
+        from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        try:
+            ModelCard.load(repo_id, token=token)
+            keep_remote_card = True
+        except Exception:  # no card on the Hub yet (or unreachable): send ours
+            keep_remote_card = False
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **save_kwargs)
+            operations = [
+                CommitOperationAdd(path_in_repo=f.relative_to(tmp).as_posix(), path_or_fileobj=str(f))
+                for f in sorted(Path(tmp).rglob("*"))
+                if f.is_file() and not (keep_remote_card and f.name == "README.md")
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 def default_model_card(model: MAEPreTrainedModel) -> str:
@@ -318,6 +360,8 @@ model = AutoModel.from_pretrained("path/or/repo")
 class MAEModel(MAEPreTrainedModel):
     """The ViT encoder. With a mask ratio > 0 it sees only the visible patches (MAE pretraining); with
     `mask_ratio=0.0` it encodes the whole image in order (fine-tuning, features)."""
+
+    _allowed_unexpected_keys = (r"^decoder\.",)
 
     def __init__(self, config: MAEConfig, add_final_norm: bool = True):
         super().__init__(config)

@@ -1,0 +1,133 @@
+"""HF integration: Auto classes, save/load, remote code without hf_mae, push_to_hub, strict loading."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
+
+TINY = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    decoder_hidden_size=16,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    norm_pix_loss=True,
+)
+
+
+@pytest.fixture
+def pretrained_dir(tmp_path):
+    torch.manual_seed(0)
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    model.save_pretrained(tmp_path / "mae")
+    return tmp_path / "mae", model
+
+
+def test_save_writes_safetensors_card_and_code(pretrained_dir):
+    path, _ = pretrained_dir
+    files = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "README.md", "modeling_mae.py", "configuration_mae.py"} <= files
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "hf_mae"
+    assert config["auto_map"]["AutoModelForPreTraining"].endswith("MAEForPreTraining")
+    card = (path / "README.md").read_text()
+    assert "library_name: transformers" in card and "mask ratio" in card
+
+
+def test_auto_classes_round_trip(pretrained_dir):
+    path, model = pretrained_dir
+    assert isinstance(AutoConfig.from_pretrained(path), MAEConfig)
+    reloaded = AutoModelForPreTraining.from_pretrained(path)
+    assert isinstance(reloaded, MAEForPreTraining)
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    assert torch.allclose(model.eval()(x, noise=noise).loss, reloaded.eval()(x, noise=noise).loss)
+    encoder = AutoModel.from_pretrained(path)
+    assert isinstance(encoder, MAEModel)
+    assert torch.allclose(encoder(x, noise=noise).last_hidden_state, model.mae(x, noise=noise).last_hidden_state)
+
+
+def test_classifier_from_pretraining_checkpoint(pretrained_dir, caplog):
+    path, model = pretrained_dir
+    with caplog.at_level("INFO", logger="hf_mae.modeling_mae"):
+        clf = AutoModelForImageClassification.from_pretrained(path, num_labels=4)
+    assert isinstance(clf, MAEForImageClassification)
+    assert torch.equal(clf.mae.blocks[1].mlp.fc2.weight, model.mae.blocks[1].mlp.fc2.weight)
+    assert any("dropped" in r.message and "decoder" in r.message for r in caplog.records)
+    assert clf(torch.randn(2, 3, 16, 16)).logits.shape == (2, 4)
+
+
+def test_strict_loading_rejects_unexpected_and_missing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    model.save_pretrained(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights["mae.blocks.0.attn.extra"] = torch.zeros(3)
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected keys: mae\.blocks\.0\.attn\.extra"):
+        MAEForPreTraining.from_pretrained(tmp_path / "m")
+    del weights["mae.blocks.0.attn.extra"], weights["decoder.pred.weight"]
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.pred\.weight"):
+        MAEForPreTraining.from_pretrained(tmp_path / "m")
+    partial = MAEForPreTraining.from_pretrained(tmp_path / "m", strict=False)
+    assert isinstance(partial, MAEForPreTraining)
+
+
+def test_remote_code_loads_without_hf_mae(pretrained_dir, tmp_path):
+    path, model = pretrained_dir
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    torch.save({"x": x, "noise": noise}, tmp_path / "inputs.pt")
+    expected = model.eval()(x, noise=noise).loss.item()
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_mae"] = None  # any `import hf_mae` now fails: simulate an environment without it
+        import torch
+        from transformers import AutoModelForPreTraining
+        model = AutoModelForPreTraining.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        print("LOSS", model(inputs["x"], noise=inputs["noise"]).loss.item())
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loss = float(result.stdout.split("LOSS")[1])
+    assert abs(loss - expected) < 1e-6
+
+
+def test_push_to_hub_uploads_config_weights_and_card(tmp_path):
+    from huggingface_hub import HfApi
+
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    uploaded = {}
+
+    def fake_create_commit(self, repo_id, operations, *args, **kwargs):
+        for op in operations:
+            content = op.path_or_fileobj
+            uploaded[op.path_in_repo] = content.read() if hasattr(content, "read") else open(content, "rb").read()
+        return mock.MagicMock(commit_url="https://huggingface.co/fake/commit", oid="0" * 40)
+
+    with (
+        mock.patch.object(HfApi, "create_repo", return_value=mock.MagicMock(repo_id="user/tiny-mae")),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
+        model.push_to_hub("user/tiny-mae", token="hf_fake")
+    assert {"config.json", "model.safetensors", "README.md", "modeling_mae.py"} <= set(uploaded)
+    assert json.loads(uploaded["config.json"])["model_type"] == "hf_mae"
+    assert b"hf_mae" in uploaded["README.md"]
