@@ -30,6 +30,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_mae", "hf_mae.*"]),
+    # the offline `evaluate` metric module is loaded from its folder, not imported
+    package_data={"hf_mae": ["metrics/topk_accuracy/*.py"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -200,6 +200,15 @@ class MAEPreTrainedModel(PreTrainedModel):
     _allowed_missing_keys: tuple[str, ...] = ()
     _allowed_unexpected_keys: tuple[str, ...] = ()
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's protocol for layer-wise lr decay: patch/cls/pos = layer 0, block i = layer i + 1, the final norm
+        with the last block, everything else (fc_norm, head, decoder) after them."""
+        p = "" if isinstance(self, MAEModel) else r"mae\."
+        return dict(
+            stem=rf"^{p}(?:cls_token|pos_embed|patch_embed)",
+            blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm\.", (99999,))],
+        )
+
     def _init_weights(self, module: nn.Module) -> None:
         # The official MAE init. `init.*` helpers leave tensors loaded from a checkpoint untouched. transformers only
         # calls this for modules that own parameters directly, hence the per-leaf dispatch.
@@ -541,6 +550,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        return_loss: bool = True,
         **kwargs,
     ) -> MAEForPreTrainingOutput | tuple:
         r"""
@@ -549,6 +559,8 @@ class MAEForPreTraining(MAEPreTrainedModel):
             noise: [B, L] values whose argsort fixes the mask (small = kept).
             interpolate_pos_encoding: accept other resolutions by resizing both position tables.
             output_hidden_states: also return the encoder's hidden states.
+            return_loss: always computed; the argument tells `Trainer` that this model returns a loss without labels,
+                so evaluation reports `eval_loss`.
         """
         enc = self.mae(
             pixel_values,

@@ -212,7 +212,11 @@ def test_presets():
     assert (seed.image_size, seed.patch_size, seed.hidden_size, seed.num_hidden_layers) == (64, 8, 768, 12)
     assert (seed.decoder_hidden_size, seed.decoder_num_hidden_layers, seed.decoder_num_attention_heads) == (512, 8, 16)
     assert seed.norm_pix_loss and seed.mask_ratio == 0.75 and seed.num_patches == 64
-    for name, width in [("vit-tiny-patch16-224", 192), ("vit-small-patch16-224", 384), ("vit-large-patch16-224", 1024)]:
+    for name, width in [
+        ("vit-tiny-patch16-224", 192),
+        ("vit-small-patch16-224", 384),
+        ("vit-large-patch16-224", 1024),
+    ]:
         assert MAEConfig.from_preset(name).hidden_size == width
     assert MAEConfig.from_preset("vit-huge-patch14-224").patch_size == 14
     assert MAEConfig.from_preset("seed-vit-b8-64", mask_ratio=0.9).mask_ratio == 0.9

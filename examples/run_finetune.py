@@ -1,0 +1,26 @@
+"""Fine-tune a pretrained MAE / DMAE encoder for image classification (or train the same ViT from scratch).
+
+    # the seed's full-augmentation fine-tuning of a pretrained ViT-B/8:
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml examples/run_finetune.py \
+        examples/configs/finetune_full.yaml --model_name_or_path outputs/pretrain_mask75_dec8x512
+    # small augmentation (no Mixup / CutMix / label smoothing), flags only:
+    python examples/run_finetune.py --model_name_or_path outputs/pt --finetune_aug small --output_dir outputs/ft
+    # from-scratch baseline (no --model_name_or_path):
+    python examples/run_finetune.py --preset seed-vit-b8-64 --output_dir outputs/scratch ...
+    # 2 CPU processes (gloo), see accelerate_configs/cpu_2proc.yaml:
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml examples/run_finetune.py ...
+"""
+
+import logging
+
+from hf_mae.training import DataArguments, MAEFinetuningArguments, ModelArguments, parse_args, run_finetuning
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, MAEFinetuningArguments), argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    return run_finetuning(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

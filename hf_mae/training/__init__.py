@@ -1,0 +1,28 @@
+"""Training: recipe arguments, the MAE Trainer, optimizer groups and the runs shared by examples and the study."""
+
+from .arguments import (
+    MAEFinetuningArguments,
+    MAELinearProbeArguments,
+    MAEPretrainingArguments,
+    MAETrainingArguments,
+)
+from .optim import param_groups
+from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_pretraining
+from .trainer import MAETrainer, NonFiniteLossError, build_compute_metrics, topk_predictions
+
+__all__ = [
+    "DataArguments",
+    "MAEFinetuningArguments",
+    "MAELinearProbeArguments",
+    "MAEPretrainingArguments",
+    "MAETrainer",
+    "MAETrainingArguments",
+    "ModelArguments",
+    "NonFiniteLossError",
+    "build_compute_metrics",
+    "param_groups",
+    "parse_args",
+    "run_finetuning",
+    "run_pretraining",
+    "topk_predictions",
+]

@@ -1,0 +1,147 @@
+"""TrainingArguments subclasses holding the MAE recipe knobs (defaults: the official MAE recipes)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import SchedulerType, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_AUGS = ("standard", "3augment", "3augment_seed")
+FINETUNE_AUGS = ("small", "full")
+
+
+@dataclass
+class MAETrainingArguments(TrainingArguments):
+    """Shared recipe knobs. The learning rate follows MAE's linear scaling rule, warm-up is given in epochs and the
+    schedule is a half-cycle cosine to `min_learning_rate`, stepped per iteration."""
+
+    base_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "MAE's blr: learning_rate = blr * effective batch / 256 (effective batch = per-device batch x "
+            "gradient accumulation x processes). None keeps --learning_rate as given."
+        },
+    )
+    min_learning_rate: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
+    warmup_epochs: float | None = field(
+        default=None, metadata={"help": "linear warm-up length in epochs (used when --warmup_steps is 0)"}
+    )
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "layer-wise lr decay (MAE fine-tuning: 0.65 ViT-B, 0.75 ViT-L); None = off"}
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={"help": "stop after this many optimizer steps in a row with a non-finite loss (each is skipped)"},
+    )
+    lars: bool = field(
+        default=False, metadata={"help": "LARS (momentum 0.9) instead of --optim, as MAE's linear probe"}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "image models take only pixel_values"})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base_learning_rate is not None:
+            if self.base_learning_rate <= 0:
+                raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")
+            batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+            self.learning_rate = self.base_learning_rate * batch / 256
+            logger.info(
+                "learning_rate = base_learning_rate %.3g x effective batch %d / 256 = %.4g",
+                self.base_learning_rate,
+                batch,
+                self.learning_rate,
+            )
+        if self.min_learning_rate < 0 or self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"min_learning_rate must be in [0, learning_rate={self.learning_rate:.4g}], got {self.min_learning_rate}"
+            )
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.warmup_epochs is not None:
+            if self.warmup_epochs < 0:
+                raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            if self.max_steps <= 0 and self.warmup_epochs >= self.num_train_epochs:
+                raise ValueError(
+                    f"warmup_epochs={self.warmup_epochs} must be shorter than num_train_epochs={self.num_train_epochs}"
+                )
+            # MAETrainer turns epochs into optimizer steps once the dataloader length is known
+        if SchedulerType(self.lr_scheduler_type) == SchedulerType.COSINE_WITH_MIN_LR:
+            self.lr_scheduler_kwargs = {"min_lr": self.min_learning_rate, **(self.lr_scheduler_kwargs or {})}
+
+
+@dataclass
+class MAEPretrainingArguments(MAETrainingArguments):
+    """Pretraining: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, 40 warm-up epochs of 800 (official ViT-B recipe)."""
+
+    base_learning_rate: float | None = field(default=1.5e-4, metadata={"help": "MAE pretraining blr"})
+    weight_decay: float = field(default=0.05)
+    adam_beta2: float = field(default=0.95)
+    num_train_epochs: float = field(default=800)
+    warmup_epochs: float | None = field(default=40)
+    mask_ratio: float | None = field(default=None, metadata={"help": "overrides the model config's mask_ratio"})
+    pretrain_aug: str = field(
+        default="standard", metadata={"help": f"pretraining augmentation, one of {', '.join(PRETRAIN_AUGS)}"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pretrain_aug not in PRETRAIN_AUGS:
+            raise ValueError(f"pretrain_aug must be one of {PRETRAIN_AUGS}, got {self.pretrain_aug!r}")
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class MAEFinetuningArguments(MAETrainingArguments):
+    """Fine-tuning: blr 5e-4, layer decay 0.65, wd 0.05, 5 of 100 warm-up epochs, min lr 1e-6, drop path 0.1, and the
+    `full` augmentation (RandAugment, erasing 0.25, Mixup 0.8, CutMix 1.0, label smoothing 0.1) of the MAE ViT-B recipe."""
+
+    base_learning_rate: float | None = field(default=5e-4, metadata={"help": "MAE fine-tuning blr"})
+    layer_decay: float | None = field(default=0.65)
+    weight_decay: float = field(default=0.05)
+    min_learning_rate: float = field(default=1e-6)
+    num_train_epochs: float = field(default=100)
+    warmup_epochs: float | None = field(default=5)
+    drop_path_rate: float = field(default=0.1, metadata={"help": "stochastic depth of the encoder"})
+    finetune_aug: str = field(
+        default="full", metadata={"help": "`small` (crop + flip) or `full` (RandAugment, erasing, Mixup/CutMix)"}
+    )
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (full aug only)"})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (full aug only)"})
+    mixup_switch_prob: float = field(default=0.5)
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (full aug only)"})
+    random_erasing: float = field(default=0.25, metadata={"help": "random erasing probability (full aug only)"})
+    linear_probe: bool = field(default=False, metadata={"help": "frozen encoder, BatchNorm + Linear head"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.finetune_aug not in FINETUNE_AUGS:
+            raise ValueError(f"finetune_aug must be one of {FINETUNE_AUGS}, got {self.finetune_aug!r}")
+        for name in ("mixup", "cutmix", "label_smoothing", "random_erasing", "mixup_switch_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            upper = float("inf") if name in ("mixup", "cutmix") else 1.0  # alphas are unbounded, the rest are rates
+            if not 0 <= value <= upper:
+                raise ValueError(f"{name} must be in [0, {upper}], got {value}")
+
+
+@dataclass
+class MAELinearProbeArguments(MAEFinetuningArguments):
+    """Linear probing: frozen encoder, cls token, BatchNorm + Linear head, LARS, blr 0.1, wd 0, 10 of 90 warm-up
+    epochs, crop + flip only (the official MAE recipe)."""
+
+    linear_probe: bool = field(default=True)
+    lars: bool = field(default=True)
+    base_learning_rate: float | None = field(default=0.1)
+    weight_decay: float = field(default=0.0)
+    layer_decay: float | None = field(default=None)
+    min_learning_rate: float = field(default=0.0)
+    num_train_epochs: float = field(default=90)
+    warmup_epochs: float | None = field(default=10)
+    drop_path_rate: float = field(default=0.0)
+    finetune_aug: str = field(default="small")

@@ -1,0 +1,351 @@
+"""The runs behind every example, the demo and the study: build config, model and data, hand them to a Trainer,
+then write the model, its image processor, curves, reconstructions and a model card. One code path for all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from ..configuration_mae import MAEConfig
+from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
+from .arguments import MAEFinetuningArguments, MAEPretrainingArguments
+from .trainer import MAETrainer, build_compute_metrics, topk_predictions
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("digits", "tiny-imagenet")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "pretraining: an hf_mae checkpoint to start from; fine-tuning: the pretrained MAE/DMAE directory "
+            "(None = from scratch)"
+        },
+    )
+    preset: str = field(default="seed-vit-b8-64", metadata={"help": "MAEConfig preset for a model built from scratch"})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated key=value MAEConfig overrides, e.g. decoder_num_hidden_layers=1,image_size=32"
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="tiny-imagenet",
+        metadata={
+            "help": "`digits` (built-in), `tiny-imagenet` (Hub copy, or --tiny_imagenet_source), or any Hub id / "
+            "local path that datasets.load_dataset takes"
+        },
+    )
+    tiny_imagenet_source: str | None = field(
+        default=None, metadata={"help": "tiny-imagenet-200 folder, its zip, or a folder of parquet files"}
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder-style class_name/*.jpg folder"})
+    validation_dir: str | None = field(default=None)
+    image_column_name: str = field(default="image")
+    label_column_name: str = field(default="label")
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    crop_pct: float = field(default=0.875, metadata={"help": "eval: resize to size / crop_pct, then center crop"})
+    cache_dir: str | None = field(default=None)
+    num_reconstructions: int = field(default=8, metadata={"help": "validation images in the reconstruction PNG"})
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """`"a=1,b=0.5,c=true"` -> {"a": 1, "b": 0.5, "c": True} (values parsed as JSON where possible)."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config_overrides item {item!r} is not key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    unknown = sorted(set(overrides) - set(MAEConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"config_overrides names unknown MAEConfig fields: {', '.join(unknown)}")
+    return overrides
+
+
+def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
+    """DatasetDict {train, validation} with `image` and (when labelled) `label` columns."""
+    from ..data import load_digits_dataset, load_image_dataset, load_tiny_imagenet
+
+    if data_args.train_dir or data_args.validation_dir:
+        ds = load_image_dataset(
+            train_dir=data_args.train_dir,
+            validation_dir=data_args.validation_dir,
+            seed=seed,
+            cache_dir=data_args.cache_dir,
+        )
+    elif data_args.dataset_name == "digits":
+        ds = load_digits_dataset(image_size=image_size, seed=seed)
+    elif data_args.dataset_name == "tiny-imagenet" or data_args.tiny_imagenet_source:
+        ds = load_tiny_imagenet(
+            data_args.tiny_imagenet_source or "zh-plus/tiny-imagenet", cache_dir=data_args.cache_dir
+        )
+    else:
+        ds = load_image_dataset(
+            dataset_name=data_args.dataset_name,
+            image_column_name=data_args.image_column_name,
+            label_column_name=data_args.label_column_name,
+            seed=seed,
+            cache_dir=data_args.cache_dir,
+        )
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None and split in ds and len(ds[split]) > limit:
+            ds[split] = ds[split].shuffle(seed=seed).select(range(limit))
+    return ds
+
+
+class _LogHistoryWriter(TrainerCallback):
+    """Keep each run's `log_history` on disk as it grows, so curves survive an interrupted run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            self.path.write_text(json.dumps(state.log_history, indent=1))
+
+
+def _finish(trainer: MAETrainer, results: dict, title: str, card_extra: str) -> None:
+    """Curves, results.json and a model card with the recipe, on the main process."""
+    from ..visualize import plot_training_curves
+
+    out = Path(trainer.args.output_dir)
+    if not trainer.is_world_process_zero():
+        return
+    plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_model_card(out, trainer.model, trainer.args, results, card_extra)
+
+
+def write_model_card(out: Path, model, args, results: dict, extra: str = "") -> None:
+    from ..modeling_mae import default_model_card
+
+    recipe = {
+        k: getattr(args, k)
+        for k in (
+            "learning_rate",
+            "base_learning_rate",
+            "min_learning_rate",
+            "num_train_epochs",
+            "warmup_epochs",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "layer_decay",
+            "mask_ratio",
+            "pretrain_aug",
+            "finetune_aug",
+            "mixup",
+            "cutmix",
+            "label_smoothing",
+            "random_erasing",
+            "drop_path_rate",
+            "seed",
+            "bf16",
+        )
+        if hasattr(args, k)
+    }
+    body = default_model_card(model)
+    body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n" + "".join(
+        f"| {k} | {v} |\n" for k, v in recipe.items()
+    )
+    body += "\n## Results\n\n| metric | value |\n|---|---|\n" + "".join(
+        f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in results.items()
+    )
+    body += extra
+    (out / "README.md").write_text(body, encoding="utf-8")
+
+
+def build_pretraining_config(model_args: ModelArguments, training_args: MAEPretrainingArguments) -> MAEConfig:
+    overrides = parse_overrides(model_args.config_overrides)
+    if training_args.mask_ratio is not None:
+        overrides["mask_ratio"] = training_args.mask_ratio
+    if model_args.model_name_or_path:
+        return MAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
+    return MAEConfig.from_preset(model_args.preset, **overrides)
+
+
+def run_pretraining(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MAEPretrainingArguments,
+    model: MAEForPreTraining | None = None,
+    trainer_cls: type[MAETrainer] = MAETrainer,
+    extra_callbacks: list | None = None,
+) -> dict[str, float]:
+    """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
+    from ..data import (
+        PretrainCollator,
+        apply_transform,
+        build_eval_transform,
+        build_image_processor,
+        build_pretrain_transform,
+    )
+    from ..visualize import save_reconstruction_grid
+
+    set_seed(training_args.seed)
+    if model is None:
+        config = build_pretraining_config(model_args, training_args)
+        model = (
+            MAEForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+            if model_args.model_name_or_path
+            else MAEForPreTraining(config)
+        )
+    config = model.config
+    ds = load_data(data_args, config.image_size, training_args.seed)
+    train = apply_transform(ds["train"], build_pretrain_transform(config.image_size, training_args.pretrain_aug))
+    eval_ds = None
+    if "validation" in ds:
+        eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=PretrainCollator(),
+        callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results = {"train_loss": train_result.training_loss}
+    if eval_ds is not None:
+        results.update(trainer.evaluate())
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        build_image_processor(config.image_size, data_args.crop_pct).save_pretrained(out)
+        if eval_ds is not None and data_args.num_reconstructions > 0:
+            n = min(data_args.num_reconstructions, len(eval_ds))
+            images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)])
+            generator = torch.Generator().manual_seed(training_args.seed)
+            noise = torch.rand(n, config.num_patches, generator=generator)
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            save_reconstruction_grid(
+                unwrapped.cpu().float(),
+                images,
+                out / "reconstructions.png",
+                noise=noise,
+                title=f"mask ratio {config.mask_ratio}",
+            )
+    _finish(trainer, results, "pretraining", "")
+    logger.info("pretraining results: %s", results)
+    return results
+
+
+def run_finetuning(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MAEFinetuningArguments
+) -> dict[str, float]:
+    """Fine-tune (or linear-probe) an image classifier from a pretrained MAE/DMAE directory, or from scratch."""
+    from ..data import (
+        ClassificationCollator,
+        apply_transform,
+        build_eval_transform,
+        build_finetune_transform,
+        build_image_processor,
+        build_mixup,
+        get_label_names,
+    )
+
+    set_seed(training_args.seed)
+    overrides = parse_overrides(model_args.config_overrides)
+    probe = training_args.linear_probe
+    head = dict(head_type="linear_probe", pooling="cls") if probe else {}
+    drop_path = 0.0 if probe else training_args.drop_path_rate
+    if model_args.model_name_or_path:
+        config = MAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
+    else:
+        config = MAEConfig.from_preset(model_args.preset, **overrides)
+    ds = load_data(data_args, config.image_size, training_args.seed)
+    if "label" not in ds["train"].column_names:
+        raise ValueError("fine-tuning needs a labelled dataset: the train split has no `label` column")
+    names = get_label_names(ds["train"])
+    config.update(
+        dict(
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            drop_path_rate=drop_path,
+            **head,
+        )
+    )
+    if model_args.model_name_or_path:
+        model = MAEForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
+    else:
+        model = MAEForImageClassification(config)
+    aug = "small" if probe else training_args.finetune_aug
+    train = apply_transform(
+        ds["train"], build_finetune_transform(config.image_size, aug, re_prob=training_args.random_erasing)
+    )
+    eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
+    mixup = build_mixup(
+        aug,
+        len(names),
+        mixup=training_args.mixup,
+        cutmix=training_args.cutmix,
+        label_smoothing=training_args.label_smoothing,
+        switch_prob=training_args.mixup_switch_prob,
+    )
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = MAETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=ClassificationCollator(),
+        compute_metrics=build_compute_metrics(k=min(5, len(names))),
+        preprocess_logits_for_metrics=topk_predictions,
+        callbacks=[_LogHistoryWriter(out / "log_history.json")],
+        mixup=mixup,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    final = trainer.evaluate()
+    k = min(5, len(names))
+    evals = [e for e in trainer.state.log_history if "eval_top1" in e]
+    results = {
+        "top1": final["eval_top1"],
+        f"top{k}": final[f"eval_top{k}"],
+        "best_top1": max(e["eval_top1"] for e in evals) if evals else final["eval_top1"],
+        "eval_loss": final.get("eval_loss", math.nan),
+    }
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        build_image_processor(config.image_size, data_args.crop_pct).save_pretrained(out)
+    _finish(trainer, results, "linear probe" if probe else f"fine-tuning ({aug} aug)", "")
+    logger.info("fine-tuning results: %s", results)
+    return results
+
+
+def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """HfArgumentParser over flags, or over a single YAML / JSON file given as the only argument."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(Path(argv[0]).resolve())
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(Path(argv[0]).resolve())
+    return parser.parse_args_into_dataclasses(args=argv)

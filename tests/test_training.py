@@ -1,0 +1,232 @@
+"""Trainer, recipe arguments, optimizer groups, and the example runs end to end on the built-in digits."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining
+from hf_mae.training import (
+    MAEFinetuningArguments,
+    MAEPretrainingArguments,
+    MAETrainer,
+    NonFiniteLossError,
+    param_groups,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    decoder_hidden_size=16,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_param_groups_layer_decay_matches_official_scales():
+    model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3))
+    groups = param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # official: scale = ld ** (num_layers + 1 - layer_id); stem 0, block i -> i + 1, head num_layers + 1
+    assert lr_of[id(named["mae.patch_embed.proj.weight"])] == pytest.approx(0.5**4)
+    assert lr_of[id(named["mae.cls_token"])] == pytest.approx(0.5**4)
+    for i in range(3):
+        assert lr_of[id(named[f"mae.blocks.{i}.attn.qkv.weight"])] == pytest.approx(0.5 ** (3 - i))
+    assert lr_of[id(named["classifier.weight"])] == pytest.approx(1.0)
+    assert lr_of[id(named["fc_norm.weight"])] == pytest.approx(1.0)
+    # no decay on biases, norms, pos/cls embeddings
+    assert wd_of[id(named["mae.blocks.0.attn.qkv.bias"])] == 0
+    assert wd_of[id(named["mae.blocks.0.norm1.weight"])] == 0
+    assert wd_of[id(named["mae.pos_embed"])] == 0 and wd_of[id(named["mae.cls_token"])] == 0
+    assert wd_of[id(named["mae.blocks.0.mlp.fc1.weight"])] == 0.05
+
+
+def test_param_groups_pretraining_skips_frozen_pos_embed():
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    groups = param_groups(model, learning_rate=2.0, weight_decay=0.05)
+    params = {id(p) for g in groups for p in g["params"]}
+    assert id(model.mae.pos_embed) not in params and id(model.decoder.pos_embed) not in params
+    assert all(g["lr"] == 2.0 for g in groups)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.mae.cls_token) in decayed  # the official pretraining decays the tokens
+
+
+def test_arguments_scale_lr_and_validate(tmp_path):
+    args = MAEPretrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=128, report_to="none")
+    assert args.learning_rate == pytest.approx(1.5e-4 * 128 / 256)
+    assert args.adam_beta2 == 0.95 and args.weight_decay == 0.05 and not args.remove_unused_columns
+    assert args.lr_scheduler_kwargs["min_lr"] == 0.0
+    ft = MAEFinetuningArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=64, gradient_accumulation_steps=4
+    )
+    assert ft.learning_rate == pytest.approx(5e-4) and ft.layer_decay == 0.65
+    with pytest.raises(ValueError, match="pretrain_aug"):
+        MAEPretrainingArguments(output_dir=str(tmp_path), pretrain_aug="autoaugment")
+    with pytest.raises(ValueError, match="warmup_epochs=10 must be shorter"):
+        MAEPretrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, warmup_epochs=10)
+    with pytest.raises(ValueError, match="layer_decay"):
+        MAEFinetuningArguments(output_dir=str(tmp_path), layer_decay=1.5)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MAEPretrainingArguments(output_dir=str(tmp_path), mask_ratio=1.0)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.randn(3, 16, 16)}
+
+
+class _NaNAfter(MAEForPreTraining):
+    """Returns a NaN loss from the `start`-th forward on (in training mode)."""
+
+    start = 2
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.training and self.calls > self.start:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = _NaNAfter(MAEConfig(**TINY))
+    args = MAEPretrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=20,
+        warmup_steps=1,
+        report_to="none",
+        save_strategy="no",
+        max_nonfinite_steps=3,
+        disable_tqdm=True,
+        base_learning_rate=None,
+        learning_rate=1e-3,
+    )
+    snapshot = {}
+
+    class SnapshotAfterGoodSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the last step with a finite loss
+                snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    trainer = MAETrainer(model=model, args=args, train_dataset=_Images(), callbacks=[SnapshotAfterGoodSteps()])
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert trainer.nonfinite_steps_skipped == 3
+    # the skipped steps left every weight (and so the optimizer's effect) untouched
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any("optimizer step skipped" in r.message for r in caplog.records)
+
+
+def _run(cmd, timeout=600):
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_pretrain_then_finetune_examples_on_digits(tmp_path):
+    common = [
+        "--dataset_name", "digits", "--preset", "demo-tiny-32", "--report_to", "none", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "32", "--max_train_samples", "128", "--max_eval_samples", "32",
+        "--max_steps", "6", "--warmup_steps", "1", "--logging_steps", "2", "--eval_strategy", "steps",
+        "--eval_steps", "6",
+    ]  # fmt: skip
+    pt, ft = tmp_path / "pt", tmp_path / "ft"
+    _run([sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(pt), "--save_strategy", "no"])
+    results = json.loads((pt / "results.json").read_text())
+    assert "eval_loss" in results and results["eval_loss"] > 0
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "curves.png",
+                 "reconstructions.png"):  # fmt: skip
+        assert (pt / name).exists(), name
+    assert "Training recipe" in (pt / "README.md").read_text()
+    _run([sys.executable, "examples/run_finetune.py", *common, "--output_dir", str(ft), "--save_strategy", "no",
+          "--model_name_or_path", str(pt), "--finetune_aug", "full"])  # fmt: skip
+    results = json.loads((ft / "results.json").read_text())
+    assert 0 <= results["top1"] <= 100 and results["top5"] >= results["top1"]
+    # a fine-tuned directory works with transformers' pipeline (image processor saved alongside)
+    from PIL import Image
+    from transformers import pipeline
+
+    import hf_mae  # noqa: F401
+
+    classify = pipeline("image-classification", model=str(ft))
+    predictions = classify(Image.new("RGB", (20, 20), "white"), top_k=3)
+    assert len(predictions) == 3 and predictions[0]["label"] in [str(i) for i in range(10)]
+
+
+def test_linear_probe_trains_only_the_head(tmp_path):
+    args = [
+        "--dataset_name", "digits", "--preset", "demo-tiny-32", "--report_to", "none", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "32", "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--max_steps", "3", "--warmup_steps", "1", "--output_dir", str(tmp_path / "lp"), "--save_strategy", "no",
+    ]  # fmt: skip
+    _run([sys.executable, "examples/run_linear_probe.py", *args])
+    config = json.loads((tmp_path / "lp" / "config.json").read_text())
+    assert config["head_type"] == "linear_probe" and config["pooling"] == "cls"
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = [
+        "--dataset_name", "digits", "--preset", "demo-tiny-32", "--report_to", "none", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--max_steps", "8",
+        "--warmup_steps", "2", "--save_steps", "4", "--num_reconstructions", "0", "--eval_strategy", "no",
+        "--seed", "3",
+    ]  # fmt: skip
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run([sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(full)])
+    result = subprocess.run(
+        [sys.executable, "tests/scripts/pretrain_then_sigkill.py", "4", *common, "--output_dir", str(killed)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == -9, result.stderr[-3000:]  # really killed by SIGKILL
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "model.safetensors").exists()
+    _run([sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(killed),
+          "--resume_from_checkpoint", str(killed / "checkpoint-4")])  # fmt: skip
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
+    script = "tests/scripts/ddp_finetune.py"
+    _run([sys.executable, script, str(tmp_path / "one"), "16"])
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+        "--main_process_port", str(_free_port()), script, str(tmp_path / "two"), "8",
+    ]  # fmt: skip
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 and r["steps"] == 4 for r in ranks)
+    one = torch.load(tmp_path / "one" / "final.pt")
+    two = torch.load(tmp_path / "two" / "final.pt")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key
