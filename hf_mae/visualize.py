@@ -44,6 +44,27 @@ def reconstruct(
     }
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, title: str | None) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    logger.info("wrote %s", path)
+    return path
+
+
 def _to_display(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Undo the input normalisation; [B, C, H, W] -> [B, H, W, C] in [0, 1]."""
     c = images.shape[1]
@@ -63,11 +84,7 @@ def save_reconstruction_grid(
     title: str | None = None,
 ) -> Path:
     """Write a PNG grid: one row per image with original | masked | reconstruction | reconstruction + visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     images = reconstruct(model, pixel_values, noise)
     columns = ["original", "masked", "reconstruction", "pasted"]
     labels = ["original", "masked", "reconstruction", "reconstruction + visible"]
@@ -83,25 +100,13 @@ def save_reconstruction_grid(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(labels[c], fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    logger.info("wrote %s", path)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_training_curves(log_history: list[dict], path: str | Path, title: str | None = None) -> Path | None:
     """Plot every numeric series of a Trainer `log_history` (loss, eval_loss, learning_rate, top1, ...) against
     the step, one panel per series. Returns None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     skip = {"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
     series: dict[str, tuple[list, list]] = {}
     for entry in log_history:
@@ -121,11 +126,4 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str |
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
