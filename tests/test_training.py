@@ -230,3 +230,33 @@ def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
     two = torch.load(tmp_path / "two" / "final.pt")
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
+def test_push_to_hub_passes_through_with_recipe_card(tmp_path, monkeypatch):
+    from unittest import mock
+
+    from huggingface_hub import HfApi
+
+    from hf_mae.training import DataArguments, ModelArguments, run_pretraining
+
+    uploads = []
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        readme = Path(folder_path) / "README.md"
+        uploads.append(readme.read_text() if readme.exists() else "")
+        return mock.MagicMock()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: mock.MagicMock(repo_id="user/tiny-mae"))
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    args = MAEPretrainingArguments(
+        output_dir=str(tmp_path / "pt"), per_device_train_batch_size=32, max_steps=2, warmup_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True, push_to_hub=True, hub_model_id="user/tiny-mae",
+        hub_token="hf_fake", hub_strategy="end",
+    )  # fmt: skip
+    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=16, num_reconstructions=2)
+    run_pretraining(ModelArguments(preset="demo-tiny-32"), data, args)
+    repo, files = uploads[-2]
+    assert repo == "user/tiny-mae"
+    assert {"model.safetensors", "config.json", "README.md", "curves.png", "reconstructions.png"} <= set(files)
+    assert "Training recipe" in uploads[-1] and "eval_loss" in uploads[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from transformers import SchedulerType, TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,15 @@ class MAETrainingArguments(TrainingArguments):
         default=False, metadata={"help": "LARS (momentum 0.9) instead of --optim, as MAE's linear probe"}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "image models take only pixel_values"})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "loggers: tensorboard (written under output_dir/runs), wandb, none, ..."}
+    )
     lr_scheduler_type: str = field(default="cosine_with_min_lr")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; avoids a warning per dataloader
         if self.base_learning_rate is not None:
             if self.base_learning_rate <= 0:
                 raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")

@@ -123,57 +123,20 @@ class _LogHistoryWriter(TrainerCallback):
             self.path.write_text(json.dumps(state.log_history, indent=1))
 
 
-def _finish(trainer: MAETrainer, results: dict, title: str, card_extra: str) -> None:
-    """Curves, results.json and a model card with the recipe, on the main process."""
+def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, crop_pct: float) -> None:
+    """Image processor, curves, results.json and the model card (main process), then the final save, which also
+    pushes everything in output_dir when --push_to_hub is set."""
+    from ..data import build_image_processor
     from ..visualize import plot_training_curves
 
     out = Path(trainer.args.output_dir)
-    if not trainer.is_world_process_zero():
-        return
-    plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_model_card(out, trainer.model, trainer.args, results, card_extra)
-
-
-def write_model_card(out: Path, model, args, results: dict, extra: str = "") -> None:
-    from ..modeling_mae import default_model_card
-
-    recipe = {
-        k: getattr(args, k)
-        for k in (
-            "learning_rate",
-            "base_learning_rate",
-            "min_learning_rate",
-            "num_train_epochs",
-            "warmup_epochs",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "weight_decay",
-            "adam_beta1",
-            "adam_beta2",
-            "layer_decay",
-            "mask_ratio",
-            "pretrain_aug",
-            "finetune_aug",
-            "mixup",
-            "cutmix",
-            "label_smoothing",
-            "random_erasing",
-            "drop_path_rate",
-            "seed",
-            "bf16",
-        )
-        if hasattr(args, k)
-    }
-    body = default_model_card(model)
-    body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n" + "".join(
-        f"| {k} | {v} |\n" for k, v in recipe.items()
-    )
-    body += "\n## Results\n\n| metric | value |\n|---|---|\n" + "".join(
-        f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in results.items()
-    )
-    body += extra
-    (out / "README.md").write_text(body, encoding="utf-8")
+    trainer.results = results
+    if trainer.is_world_process_zero():
+        build_image_processor(image_size, crop_pct).save_pretrained(out)
+        plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        trainer.create_model_card()
+    trainer.save_model()
 
 
 def build_pretraining_config(model_args: ModelArguments, training_args: MAEPretrainingArguments) -> MAEConfig:
@@ -198,7 +161,6 @@ def run_pretraining(
         PretrainCollator,
         apply_transform,
         build_eval_transform,
-        build_image_processor,
         build_pretrain_transform,
     )
     from ..visualize import save_reconstruction_grid
@@ -231,9 +193,7 @@ def run_pretraining(
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
-    trainer.save_model()
     if trainer.is_world_process_zero():
-        build_image_processor(config.image_size, data_args.crop_pct).save_pretrained(out)
         if eval_ds is not None and data_args.num_reconstructions > 0:
             n = min(data_args.num_reconstructions, len(eval_ds))
             images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)])
@@ -247,7 +207,7 @@ def run_pretraining(
                 noise=noise,
                 title=f"mask ratio {config.mask_ratio}",
             )
-    _finish(trainer, results, "pretraining", "")
+    _finish(trainer, results, "pretraining", config.image_size, data_args.crop_pct)
     logger.info("pretraining results: %s", results)
     return results
 
@@ -261,7 +221,6 @@ def run_finetuning(
         apply_transform,
         build_eval_transform,
         build_finetune_transform,
-        build_image_processor,
         build_mixup,
         get_label_names,
     )
@@ -328,10 +287,8 @@ def run_finetuning(
         "best_top1": max(e["eval_top1"] for e in evals) if evals else final["eval_top1"],
         "eval_loss": final.get("eval_loss", math.nan),
     }
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        build_image_processor(config.image_size, data_args.crop_pct).save_pretrained(out)
-    _finish(trainer, results, "linear probe" if probe else f"fine-tuning ({aug} aug)", "")
+    title = "linear probe" if probe else f"fine-tuning ({aug} aug)"
+    _finish(trainer, results, title, config.image_size, data_args.crop_pct)
     logger.info("fine-tuning results: %s", results)
     return results
 

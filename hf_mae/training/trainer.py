@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,35 @@ from transformers import Trainer
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
+
+# the TrainingArguments fields a model card lists under "Training recipe" (those the run's arguments have)
+RECIPE_FIELDS = (
+    "learning_rate",
+    "base_learning_rate",
+    "min_learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "warmup_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "layer_decay",
+    "lars",
+    "mask_ratio",
+    "pretrain_aug",
+    "finetune_aug",
+    "mixup",
+    "cutmix",
+    "label_smoothing",
+    "random_erasing",
+    "drop_path_rate",
+    "linear_probe",
+    "bf16",
+    "seed",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,6 +63,7 @@ class MAETrainer(Trainer):
     def __init__(self, *args, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
+        self.results: dict = {}  # final metrics, shown in the model card
         self._skip_this_step = False
         self._nonfinite_streak = 0
         self.nonfinite_steps_skipped = 0
@@ -107,6 +138,26 @@ class MAETrainer(Trainer):
                 )
             return torch.zeros_like(loss)
         return loss
+
+    def create_model_card(self, **kwargs) -> None:
+        """Write README.md in output_dir: architecture, the recipe actually used and `self.results`. Also what
+        `push_to_hub` uploads (transformers' generic card knows nothing about MAE)."""
+        if not self.is_world_process_zero():
+            return
+        from ..modeling_mae import default_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        recipe = {k: getattr(self.args, k) for k in RECIPE_FIELDS if hasattr(self.args, k)}
+        body = default_model_card(model)
+        body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n"
+        body += "".join(f"| {k} | {v} |\n" for k, v in recipe.items())
+        if self.results:
+            body += "\n## Results\n\n| metric | value |\n|---|---|\n"
+            body += "".join(
+                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in self.results.items()
+            )
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "README.md").write_text(body, encoding="utf-8")
 
     def evaluate(self, *args, **kwargs):
         # fixed masks for evaluation, without disturbing the training random stream
