@@ -9,21 +9,12 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import TINY as HELPER_TINY
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
 from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
 
-TINY = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    norm_pix_loss=True,
-)
+TINY = {**HELPER_TINY, "norm_pix_loss": True}
 
 
 @pytest.fixture

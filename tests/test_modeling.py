@@ -2,24 +2,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
 from hf_mae.modeling_mae import get_2d_sincos_pos_embed
-
-TINY = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-)
-
-
-def tiny_config(**overrides) -> MAEConfig:
-    return MAEConfig(**{**TINY, **overrides})
 
 
 def reference_sincos(dim: int, grid: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY as HELPER_TINY
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -22,16 +23,7 @@ from hf_mae.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-)
+TINY = {**HELPER_TINY, "num_hidden_layers": 3}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -1,18 +1,14 @@
 import torch
+from helpers import tiny_config
 from PIL import Image
 
-from hf_mae import MAEConfig, MAEForPreTraining
+from hf_mae import MAEForPreTraining
 from hf_mae.losses import normalize_patches
 from hf_mae.visualize import plot_training_curves, reconstruct, save_reconstruction_grid
 
 
 def tiny(norm_pix_loss: bool) -> MAEForPreTraining:
-    config = MAEConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-        norm_pix_loss=norm_pix_loss,
-    )  # fmt: skip
-    return MAEForPreTraining(config).eval()
+    return MAEForPreTraining(tiny_config(num_hidden_layers=1, norm_pix_loss=norm_pix_loss)).eval()
 
 
 class Perfect(torch.nn.Module):
