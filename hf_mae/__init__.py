@@ -7,7 +7,9 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
+from .configuration_dmae import DMAEConfig
 from .configuration_mae import PRESETS, MAEConfig
+from .modeling_dmae import DMAEForPreTraining
 from .modeling_mae import (
     MAEForImageClassification,
     MAEForPreTraining,
@@ -22,11 +24,15 @@ AutoConfig.register(MAEConfig.model_type, MAEConfig)
 AutoModel.register(MAEConfig, MAEModel)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification)
+AutoConfig.register(DMAEConfig.model_type, DMAEConfig)
+AutoModelForPreTraining.register(DMAEConfig, DMAEForPreTraining)
 # ... and every save_pretrained ships the code, so `trust_remote_code=True` loads it where hf_mae is not installed.
 MAEConfig.register_for_auto_class()
 MAEModel.register_for_auto_class("AutoModel")
 MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+DMAEConfig.register_for_auto_class()
+DMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "PRESETS",
@@ -35,4 +41,6 @@ __all__ = [
     "MAEPreTrainedModel",
     "MAEForPreTraining",
     "MAEForImageClassification",
+    "DMAEConfig",
+    "DMAEForPreTraining",
 ]

@@ -51,3 +51,41 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"class-id labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
     return F.cross_entropy(logits.float(), labels)
+
+
+FEATURE_LOSSES = ("l1", "smooth_l1", "mse")
+
+
+def feature_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    normalize: bool = True,
+    loss_type: str = "l1",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Distance between projected student features and teacher features, averaged over every element (DMAE).
+
+    Args:
+        student: [B, N, D] student features after the projector.
+        teacher: [B, N, D] teacher features (treated as a constant: detach them or compute them without grad).
+        normalize: L2-normalise each token's feature over D first (official DMAE, `F.normalize(dim=-1)`); `False`
+            compares raw features (the seed's reproduction).
+        loss_type: "l1" (both papers), "smooth_l1" (Huber with beta 1) or "mse".
+        eps: norm floor of the normalisation (`F.normalize`'s default).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} differ in shape"
+        )
+    if loss_type not in FEATURE_LOSSES:
+        raise ValueError(f"loss_type must be one of {FEATURE_LOSSES}, got {loss_type!r}")
+    # fp32 whatever the autocast dtype: normalised features differ in the third decimal
+    student, teacher = student.float(), teacher.float()
+    if normalize:
+        student = F.normalize(student, dim=-1, eps=eps)
+        teacher = F.normalize(teacher, dim=-1, eps=eps)
+    if loss_type == "l1":
+        return F.l1_loss(student, teacher)
+    if loss_type == "mse":
+        return F.mse_loss(student, teacher)
+    return F.smooth_l1_loss(student, teacher, beta=1.0)

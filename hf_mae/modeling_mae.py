@@ -370,7 +370,8 @@ class MAEModel(MAEPreTrainedModel):
     """The ViT encoder. With a mask ratio > 0 it sees only the visible patches (MAE pretraining); with
     `mask_ratio=0.0` it encodes the whole image in order (fine-tuning, features)."""
 
-    _allowed_unexpected_keys = (r"^decoder\.",)
+    # a pretraining (MAE or DMAE) checkpoint loads its encoder here; decoder and projector are dropped
+    _allowed_unexpected_keys = (r"^decoder\.", r"^projector\.")
 
     def __init__(self, config: MAEConfig, add_final_norm: bool = True):
         super().__init__(config)
@@ -587,7 +588,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
     `head_type="linear_probe"`: BatchNorm without affine + Linear on a frozen encoder (MAE linear probing)."""
 
     _allowed_missing_keys = (r"^classifier\.", r"^fc_norm\.")
-    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.")
+    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.", r"^projector\.")
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

@@ -6,11 +6,14 @@ from .arguments import (
     MAEPretrainingArguments,
     MAETrainingArguments,
 )
+from .dmae import DMAETrainer, DMAETrainingArguments, run_distillation
 from .optim import param_groups
 from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_pretraining
 from .trainer import MAETrainer, NonFiniteLossError, build_compute_metrics, topk_predictions
 
 __all__ = [
+    "DMAETrainer",
+    "DMAETrainingArguments",
     "DataArguments",
     "MAEFinetuningArguments",
     "MAELinearProbeArguments",
@@ -22,6 +25,7 @@ __all__ = [
     "build_compute_metrics",
     "param_groups",
     "parse_args",
+    "run_distillation",
     "run_finetuning",
     "run_pretraining",
     "topk_predictions",

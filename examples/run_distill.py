@@ -1,0 +1,28 @@
+"""Distilled MAE (DMAE) pretraining with the Trainer: an MAE student that also matches a frozen teacher's features.
+
+    # the seed's DMAE (ViT-B/8 64 px student, ViT-L/16 MAE teacher to block 18) on Tiny ImageNet, one GPU:
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml examples/run_distill.py \
+        examples/configs/distill_seed_mask75.yaml
+    # the official DMAE variant (linear head, L1 between normalised features), several GPUs (DDP, bf16):
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_distill.py \
+        examples/configs/distill_official_mask75.yaml
+    # flags instead of a file; a tiny CPU run on the built-in digits with any MAE checkpoint as teacher:
+    python examples/run_distill.py --dataset_name digits --preset demo-tiny-32 --teacher_path outputs/pt \
+        --output_dir outputs/dmae --num_train_epochs 2 --warmup_epochs 1 --per_device_train_batch_size 64
+    # then fine-tune the student exactly like an MAE:
+    python examples/run_finetune.py examples/configs/finetune_after_distill.yaml
+"""
+
+import logging
+
+from hf_mae.training import DataArguments, DMAETrainingArguments, ModelArguments, parse_args, run_distillation
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, DMAETrainingArguments), argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    return run_distillation(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
