@@ -7,6 +7,7 @@ from .arguments import (
     MAETrainingArguments,
 )
 from .dmae import DMAETrainer, DMAETrainingArguments, run_distillation
+from .knn import KNNArguments, KNNMonitor, knn_top1
 from .optim import param_groups
 from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_pretraining
 from .trainer import MAETrainer, NonFiniteLossError, build_compute_metrics, topk_predictions
@@ -15,6 +16,8 @@ __all__ = [
     "DMAETrainer",
     "DMAETrainingArguments",
     "DataArguments",
+    "KNNArguments",
+    "KNNMonitor",
     "MAEFinetuningArguments",
     "MAELinearProbeArguments",
     "MAEPretrainingArguments",
@@ -23,6 +26,7 @@ __all__ = [
     "ModelArguments",
     "NonFiniteLossError",
     "build_compute_metrics",
+    "knn_top1",
     "param_groups",
     "parse_args",
     "run_distillation",

@@ -1,0 +1,406 @@
+"""The study runner: config files, grid planning and dry run, skip / resume / failure logic, the report, and one real
+mini-grid (1 pretraining + 1 fine-tuning on digits) end to end."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import transformers.training_args
+from transformers import HfArgumentParser
+
+from hf_mae.study import (
+    build_report,
+    collect_results,
+    format_plan,
+    load_grid,
+    plan_study,
+    read_status,
+    run_study,
+    select_runs,
+    to_flags,
+)
+from hf_mae.training import (
+    DataArguments,
+    MAEFinetuningArguments,
+    MAELinearProbeArguments,
+    MAEPretrainingArguments,
+    ModelArguments,
+    parse_args,
+)
+from hf_mae.training.knn import KNNArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+SEED_GRID = CONFIGS / "study_seed.yaml"
+ARGUMENTS = {
+    "pretrain": MAEPretrainingArguments,
+    "finetune": MAEFinetuningArguments,
+    "scratch": MAEFinetuningArguments,
+    "linear_probe": MAELinearProbeArguments,
+}
+
+
+@pytest.fixture
+def bf16_anywhere(monkeypatch):
+    """The seed's configs ask for bf16, which TrainingArguments refuses without a GPU: let them parse on CPU."""
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+
+
+def _arguments_for(kind: str):
+    if kind == "distill":
+        dmae = pytest.importorskip("hf_mae.training.dmae")
+        return dmae.DMAETrainingArguments
+    return ARGUMENTS[kind]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config files
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path", sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "study_seed.yaml"), ids=lambda p: p.name
+)
+def test_every_config_file_parses(path, bf16_anywhere):
+    kind = next((k for k in (*ARGUMENTS, "distill") if path.name.startswith(k)), "finetune")
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, DataArguments, _arguments_for(kind)), [str(path)]
+    )
+    assert training_args.output_dir.startswith("outputs/")
+    assert data_args.dataset_name == "tiny-imagenet"
+
+
+@pytest.mark.parametrize(
+    "name, mask, depth, width, aug",
+    [
+        ("pretrain_mask75_dec8x512", 0.75, 8, 512, "standard"),
+        ("pretrain_mask50", 0.5, 8, 512, "standard"),
+        ("pretrain_mask90", 0.9, 8, 512, "standard"),
+        ("pretrain_dec1x512", 0.75, 1, 512, "standard"),
+        ("pretrain_dec8x128", 0.75, 8, 128, "standard"),
+        ("pretrain_3augment", 0.75, 8, 512, "3augment_seed"),
+    ],
+)
+def test_pretraining_configs_hold_the_seed_recipe(name, mask, depth, width, aug, bf16_anywhere):
+    from hf_mae.training.pipeline import build_pretraining_config
+
+    model_args, data_args, args = parse_args(
+        (ModelArguments, DataArguments, MAEPretrainingArguments), [str(CONFIGS / f"{name}.yaml")]
+    )
+    config = build_pretraining_config(model_args, args)
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.image_size) == (768, 12, 8, 64)
+    assert (config.decoder_num_hidden_layers, config.decoder_hidden_size, config.mask_ratio) == (depth, width, mask)
+    assert config.norm_pix_loss and args.pretrain_aug == aug and args.bf16
+    assert (args.num_train_epochs, args.warmup_epochs, args.per_device_train_batch_size) == (500, 50, 128)
+    assert args.learning_rate == pytest.approx(7.5e-5) and (args.adam_beta1, args.adam_beta2) == (0.9, 0.95)
+    assert args.weight_decay == 0.05 and args.eval_strategy == "epoch" and args.output_dir == f"outputs/{name}"
+
+
+@pytest.mark.parametrize("name", ["finetune_small", "finetune_full", "scratch_small", "scratch_full"])
+def test_finetuning_configs_hold_the_seed_recipe(name, bf16_anywhere):
+    model_args, _, args = parse_args(
+        (ModelArguments, DataArguments, MAEFinetuningArguments), [str(CONFIGS / f"{name}.yaml")]
+    )
+    assert (model_args.model_name_or_path is None) == name.startswith("scratch")
+    assert args.finetune_aug == name.split("_")[1]
+    assert (args.num_train_epochs, args.warmup_epochs, args.base_learning_rate) == (300, 10, 5e-4)
+    assert (args.layer_decay, args.drop_path_rate, args.min_learning_rate) == (0.65, 0.1, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning and dry run
+# ----------------------------------------------------------------------------------------------------------------------
+def test_seed_grid_has_all_the_seed_runs_at_full_scale():
+    study = plan_study(load_grid(SEED_GRID), "full")
+    names = {r.name for r in study.runs}
+    for variant in ("mae_default", "mae_mask50", "mae_mask90", "mae_dec_depth1", "mae_dec_narrow", "mae_3augment"):
+        assert {variant, f"{variant}-small", f"{variant}-full"} <= names
+    assert {
+        "scratch-small",
+        "scratch-full",
+        "dmae_mask75",
+        "dmae_mask75-full",
+        "dmae_mask90",
+        "dmae_mask90-full",
+    } <= names
+    assert "scratch" not in names and "dmae_teacher" not in names  # no scratch pretraining, no demo teacher
+    run = study.run
+    assert run("mae_mask50").args["mask_ratio"] == 0.5 and run("mae_mask90").args["mask_ratio"] == 0.9
+    assert "decoder_num_hidden_layers=1," in run("mae_dec_depth1").args["config_overrides"]
+    assert "decoder_hidden_size=128," in run("mae_dec_narrow").args["config_overrides"]
+    assert run("mae_3augment").args["pretrain_aug"] == "3augment_seed"
+    assert run("mae_mask50-full").args["model_name_or_path"] == str(study.output_root / "mae_mask50")
+    assert run("mae_mask50-full").depends_on == ("mae_mask50",)
+    assert run("scratch-full").args["model_name_or_path"] is None and run("scratch-full").depends_on == ()
+    assert run("dmae_mask90").kind == "distill" and run("dmae_mask90").args["mask_ratio"] == 0.9
+    assert run("mae_default").args["knn_eval_steps"] > 0
+    assert {r.args.get("seed") for r in study.runs} == {0}
+    assert study.launcher[:2] == ["accelerate", "launch"]
+    # the table rows of the seed's Table 1 and its extras
+    groups = {g for v in study.variants for g in v.rows}
+    assert groups == {"decoder depth", "decoder width", "mask ratio", "pretraining augmentation", "scratch",
+                      "DMAE (mask ratio)"}  # fmt: skip
+
+
+def test_demo_scale_keeps_the_relative_variations():
+    study = plan_study(load_grid(SEED_GRID), "demo")
+    run = study.run
+    assert all(r.args["dataset_name"] == "digits" and r.args["bf16"] is False for r in study.runs)
+    assert all(r.args.get("preset") == "demo-tiny-32" for r in study.runs)
+    # one seed everywhere: on digits it also fixes the train / validation split every run must share
+    assert {r.args.get("seed") for r in study.runs} == {0}
+    assert "decoder_num_hidden_layers=1," in run("mae_dec_depth1").args["config_overrides"]
+    assert "decoder_num_hidden_layers=2,decoder_hidden_size=16" in run("mae_dec_narrow").args["config_overrides"]
+    assert "decoder_hidden_size=32" in run("mae_default").args["config_overrides"]
+    # the DMAE teacher: a wider and deeper MAE pretrained first in the grid
+    teacher = run("dmae_teacher")
+    assert "hidden_size=128,num_hidden_layers=6" in teacher.args["config_overrides"]
+    assert run("dmae_mask75").depends_on == ("dmae_teacher",)
+    assert run("dmae_mask75").args["teacher_path"] == str(teacher.output_dir)
+    order = [r.name for r in study.runs]
+    assert order.index("dmae_teacher") < order.index("dmae_mask75") < order.index("dmae_mask75-full")
+    assert "mae_default-linear" in order and "scratch-linear" not in order  # add_evaluations: pretrained only
+    assert study.env["OMP_NUM_THREADS"] == "1" and study.launcher == [sys.executable]
+
+
+@pytest.mark.parametrize("scale", ["demo", "full"])
+def test_every_planned_run_parses_with_its_worker_arguments(scale, bf16_anywhere):
+    for run in plan_study(load_grid(SEED_GRID), scale).runs:
+        types = [ModelArguments, DataArguments, _arguments_for(run.kind)]
+        if run.kind in ("pretrain", "distill"):
+            types.append(KNNArguments)
+        *_, remaining = HfArgumentParser(types).parse_args_into_dataclasses(
+            args=to_flags(run.args), return_remaining_strings=True
+        )
+        assert remaining == [], (run.name, remaining)
+
+
+def test_dry_run_lists_name_kind_dependencies_output_and_command(tmp_path):
+    study = plan_study(load_grid(SEED_GRID), "full", output_root=tmp_path / "study")
+    text = format_plan(study)
+    assert f"{len(study.runs)} runs" in text
+    for run in study.runs:
+        assert f"] {run.name}  kind={run.kind}" in text
+        assert f"output_dir={run.output_dir}" in text
+    line = next(x for x in text.splitlines() if "-m hf_mae.study finetune" in x and "mae_mask90-small" in x)
+    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml" in line
+    assert f"--model_name_or_path {tmp_path}/study/mae_mask90" in line and "--finetune_aug small" in line
+    assert "depends_on=mae_mask90" in text
+    assert not (tmp_path / "study").exists()  # a dry run writes nothing
+
+
+def test_run_study_script_dry_run(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_study", ROOT / "examples" / "run_study.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--scale", "full", "--dry-run", "--output_root", str(tmp_path / "s"), "--only", "mae_mask50-*"])
+    text = capsys.readouterr().out
+    assert "3 runs" in text and "[1/3] mae_mask50  kind=pretrain" in text and "state=run" in text
+    assert not (tmp_path / "s").exists()
+
+
+def test_to_flags_and_select_runs():
+    assert to_flags({"a": 1, "b": True, "c": None, "d": [1, 2], "e": 1.5e-4}) == [
+        "--a", "1", "--b", "true", "--d", "1", "2", "--e", "0.00015"
+    ]  # fmt: skip
+    study = plan_study(load_grid(SEED_GRID), "demo")
+    assert [r.name for r in select_runs(study, ["dmae_mask90-full"])] == [
+        "dmae_teacher",
+        "dmae_mask90",
+        "dmae_mask90-full",
+    ]
+    with pytest.raises(ValueError, match="no run matches"):
+        select_runs(study, ["nope*"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Skip, resume, failures (mocked runs)
+# ----------------------------------------------------------------------------------------------------------------------
+MINI_GRID = """
+name: mini
+evaluations:
+  small: {{kind: finetune, title: small aug}}
+  full: {{kind: finetune, title: full aug}}
+scales:
+  demo:
+    output_root: {root}
+    launcher: python
+    env: {{OMP_NUM_THREADS: "1"}}
+    args:
+      all: {all_args}
+pretraining:
+  - name: mae_a
+    rows: {{mask ratio: "0.75"}}
+    paper: {{small: 66.76, full: 72.58}}
+    evaluate: [{evaluate}]
+  - name: mae_b
+    rows: {{mask ratio: "0.5"}}
+    args: {{mask_ratio: 0.5}}
+    evaluate: [{evaluate}]
+  - name: scratch
+    kind: none
+    rows: {{scratch: "-"}}
+    evaluate: [{evaluate}]
+"""
+
+
+def _mini_study(tmp_path, all_args="{}", evaluate="small, full", keep=None):
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(MINI_GRID.format(root=tmp_path / "out", all_args=all_args, evaluate=evaluate))
+    study = plan_study(load_grid(grid_path), "demo")
+    if keep:
+        study.runs = [r for r in study.runs if r.name in keep]
+        study.variants = [v for v in study.variants if v.name in {r.variant for r in study.runs}]
+        for v in study.variants:
+            v.evaluation_runs = {e: n for e, n in v.evaluation_runs.items() if n in keep}
+    return study
+
+
+class FakeRuns:
+    """Executor that pretends to train: writes results.json (+ a log history), or fails / crashes as told."""
+
+    def __init__(self, fail=(), crash=()):
+        self.fail, self.crash, self.commands = set(fail), set(crash), []
+
+    def __call__(self, command, log_path, env, timeout):
+        self.commands.append(command)
+        out = Path(command[command.index("--output_dir") + 1])
+        name = out.name
+        out.mkdir(parents=True, exist_ok=True)
+        if name in self.crash:  # killed after its first checkpoint
+            (out / "checkpoint-2").mkdir()
+            (out / "checkpoint-10").mkdir()
+            return -9
+        if name in self.fail:
+            log_path.write_text("Traceback ...\nNonFiniteLossError: 10 steps in a row had a non-finite loss\n")
+            return 1
+        finetune = "finetune" in command
+        top1 = 50.0 + len(name)
+        results = {"top1": top1, "best_top1": top1 + 1, "eval_loss": 1.0} if finetune else {"eval_loss": 0.5}
+        (out / "results.json").write_text(json.dumps(results))
+        history = [{"loss": 2.0 - e / 10, "epoch": e, "step": e} for e in range(1, 4)]
+        history += [{"eval_loss": 1.5, "eval_top1": top1 - 3 + e, "epoch": e, "step": e} for e in range(1, 4)]
+        history += [] if finetune else [{"knn_top1": 40.0 + e, "epoch": e, "step": e} for e in range(3)]
+        (out / "log_history.json").write_text(json.dumps(history))
+        return 0
+
+
+def test_finished_runs_are_skipped_and_failures_recorded(tmp_path):
+    study = _mini_study(tmp_path)
+    fake = FakeRuns(fail={"mae_b"})
+    status = run_study(study, executor=fake)
+    assert status["mae_a"]["status"] == status["mae_a-full"]["status"] == "done"
+    assert status["mae_b"]["status"] == "failed" and "NonFiniteLossError" in status["mae_b"]["error"]
+    assert status["mae_b-small"]["status"] == "blocked" and "mae_b" in status["mae_b-small"]["error"]
+    assert status["scratch-small"]["status"] == "done"  # the study went on after the failure
+    assert len(fake.commands) == 6  # mae_a and its two fine-tunings, mae_b, the two scratch runs
+    assert read_status(study.output_root) == status
+    # rerun: finished runs are skipped, the failed one is retried, then its fine-tunings run
+    again = FakeRuns()
+    status = run_study(study, executor=again)
+    ran = [Path(c[c.index("--output_dir") + 1]).name for c in again.commands]
+    assert ran == ["mae_b", "mae_b-small", "mae_b-full"]
+    assert all(s["status"] == "done" for s in status.values())
+    assert "state=done" in format_plan(study)
+
+
+def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path):
+    study = _mini_study(tmp_path, keep={"mae_a"})
+    status = run_study(study, executor=FakeRuns(crash={"mae_a"}))
+    assert status["mae_a"]["status"] == "failed"
+    assert "state=resume from checkpoint-10" in format_plan(study)
+    fake = FakeRuns()
+    status = run_study(study, executor=fake)
+    (command,) = fake.commands
+    assert command[command.index("--resume_from_checkpoint") + 1] == str(study.output_root / "mae_a" / "checkpoint-10")
+    assert status["mae_a"]["status"] == "done"
+    assert not list((study.output_root / "mae_a").glob("checkpoint-*"))  # a finished run drops its checkpoints
+
+
+def test_missing_config_fails_the_run_without_starting_it(tmp_path):
+    study = _mini_study(tmp_path, keep={"mae_a", "mae_a-small"})
+    study.runs[0].problem = "config file x.yaml not found"
+    fake = FakeRuns()
+    status = run_study(study, executor=fake)
+    assert fake.commands == [] and status["mae_a"]["status"] == "failed"
+    assert status["mae_a-small"]["status"] == "blocked"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------------
+def test_report_layout_failed_cells_and_figures(tmp_path):
+    study = _mini_study(tmp_path)
+    fake = FakeRuns(fail={"mae_b-full"})
+    run_study(study, executor=fake)
+    # reconstructions of a pretraining run are collected
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.imsave(study.run("mae_a").output_dir / "reconstructions.png", [[0.0, 1.0], [1.0, 0.0]], cmap="gray")
+    md_path = build_report(study)
+    md = md_path.read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    header = table[0]
+    assert "small aug top-1 (final / best)" in header and "full aug top-1 (final / best)" in header
+    assert "k-NN top-1" in header and "seed paper (small aug / full aug)" in header
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in table[1:]}
+    # mask ratio rows sorted numerically, then scratch; the Table-1 order of groups kept
+    assert list(rows)[:3] == [("mask ratio", "0.5"), ("mask ratio", "0.75"), ("scratch", "-")]
+    assert "| 61.00 / 62.00 | 60.00 / 61.00 |" in rows[("mask ratio", "0.75")]  # top1 = 50 + len(run name)
+    assert "| 66.76 / 72.58 |" in rows[("mask ratio", "0.75")]
+    assert "| failed |" in rows[("mask ratio", "0.5")]  # mae_b-full
+    assert "42.00" in rows[("mask ratio", "0.75")]  # the last k-NN value of the pretraining
+    assert "| scratch (none) | – |" in rows[("scratch", "-")]
+    csv_text = (md_path.parent / "results.csv").read_text().splitlines()
+    assert csv_text[0].startswith("ablation,setting,variant,pretrain_status,recon_loss,knn_top1,small_status")
+    assert any(",failed," in line for line in csv_text)
+    runs_csv = (md_path.parent / "runs.csv").read_text()
+    assert "mae_b-full,finetune,failed" in runs_csv
+    for png in ("finetune_curves.png", "mask_ratio.png", "ablations.png", "pretrain_curves.png",
+                "reconstructions.png", "reconstructions/mae_a.png"):  # fmt: skip
+        path = md_path.parent / png
+        assert path.exists() and path.stat().st_size > 100, png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![finetune_curves.png](finetune_curves.png)" in md
+    table_rows = collect_results(study)
+    assert [r["evaluations"]["full"].status for r in table_rows] == ["failed", "done", "done"]
+
+
+def test_report_of_a_study_that_has_not_run(tmp_path):
+    study = _mini_study(tmp_path)
+    md = build_report(study).read_text()
+    assert "| not run |" in md and not (study.output_root / "report" / "finetune_curves.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One real mini-grid, end to end
+# ----------------------------------------------------------------------------------------------------------------------
+def test_real_mini_grid_end_to_end(tmp_path, monkeypatch):
+    all_args = (
+        "{dataset_name: digits, preset: demo-tiny-32, report_to: none, disable_tqdm: true, max_train_samples: 64, "
+        "max_eval_samples: 32, per_device_train_batch_size: 32, max_steps: 2, warmup_steps: 1, logging_steps: 1, "
+        "save_strategy: 'no', eval_strategy: steps, eval_steps: 2, num_reconstructions: 2}"
+    )
+    study = _mini_study(tmp_path, all_args=all_args, evaluate="small", keep={"mae_a", "mae_a-small"})
+    study.run("mae_a").args.update(knn_eval_steps=1, knn_train_samples=32, knn_eval_samples=16)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    status = run_study(study)
+    assert [status[n]["status"] for n in ("mae_a", "mae_a-small")] == ["done", "done"], status
+    pt, ft = study.run("mae_a").output_dir, study.run("mae_a-small").output_dir
+    assert (pt / "model.safetensors").exists() and (pt / "reconstructions.png").exists()
+    history = json.loads((pt / "log_history.json").read_text())
+    assert [e["step"] for e in history if "knn_top1" in e] == [0, 1, 2]  # the k-NN monitor rode along
+    assert 0 <= json.loads((ft / "results.json").read_text())["top1"] <= 100
+    assert "study.log" in os.listdir(pt)
+    md = build_report(study).read_text()
+    assert "| mask ratio | 0.75 | mae_a |" in md and "| failed |" not in md
+    # a second pass starts nothing
+    fake = FakeRuns()
+    run_study(study, executor=fake)
+    assert fake.commands == []
