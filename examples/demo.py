@@ -81,9 +81,7 @@ def main() -> None:
             warmup_epochs=max(1, args.finetune_epochs // 10),
             **FINETUNE,
         )
-        results[name] = run_finetuning(
-            ModelArguments(model_name_or_path=source, preset=PRESET), data, finetune_args
-        )
+        results[name] = run_finetuning(ModelArguments(model_name_or_path=source, preset=PRESET), data, finetune_args)
 
     minutes = (time.time() - start) / 60
     table = [

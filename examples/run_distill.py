@@ -10,18 +10,29 @@
     python examples/run_distill.py --dataset_name digits --preset demo-tiny-32 --teacher_path outputs/pt \
         --output_dir outputs/dmae --num_train_epochs 2 --warmup_epochs 1 --per_device_train_batch_size 64
     # then fine-tune the student exactly like an MAE:
-    python examples/run_finetune.py examples/configs/finetune_after_distill.yaml
+    python examples/run_finetune.py examples/configs/finetune_after_distill_official.yaml
 """
 
 import logging
 
-from hf_mae.training import DataArguments, DMAETrainingArguments, ModelArguments, parse_args, run_distillation
+from hf_mae.training import (
+    DataArguments,
+    DMAETrainingArguments,
+    KNNArguments,
+    KNNMonitor,
+    ModelArguments,
+    parse_args,
+    run_distillation,
+)
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, DMAETrainingArguments), argv)
+    model_args, data_args, training_args, knn_args = parse_args(
+        (ModelArguments, DataArguments, DMAETrainingArguments, KNNArguments), argv
+    )
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    return run_distillation(model_args, data_args, training_args)
+    monitor = KNNMonitor.from_args(knn_args, data_args)  # --knn_eval_steps N logs k-NN top-1 every N steps
+    return run_distillation(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
 
 
 if __name__ == "__main__":
