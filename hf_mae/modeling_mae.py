@@ -152,8 +152,24 @@ class MAEAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, N, head_dim]
+        q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            x = _low_precision_cpu_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def _low_precision_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with the scores and softmax in fp32 and the value product in q's dtype.
+
+    At ViT sequence lengths (17 and 65 tokens for the seed's ViT-B/8 at 64 px) this is 3-5x faster, forward +
+    backward, than SDPA's fused CPU kernel in bf16, with errors of the same size (the scores are fp32, as in that
+    kernel). fp32 on CPU and every dtype on GPU keep the fused kernel.
+    """
+    with torch.autocast("cpu", enabled=False):
+        scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # [B, heads, N, N]
+        return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 class MAEMlp(nn.Module):
@@ -512,7 +528,7 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x[:, :1], x_], dim=1) + interpolate_pos_embed(self.pos_embed, *grid_size)
         for block in self.blocks:
             x = block(x)
-        return self.pred(self.norm(x))[:, 1:]
+        return self.pred(self.norm(x[:, 1:]))  # the cls output is not needed: not computed
 
 
 class MAEForPreTraining(MAEPreTrainedModel):

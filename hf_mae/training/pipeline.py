@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
+from ..data.device_data import device_train_data
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
@@ -62,6 +63,13 @@ class DataArguments:
     crop_pct: float = field(default=0.875, metadata={"help": "eval: resize to size / crop_pct, then center crop"})
     cache_dir: str | None = field(default=None)
     num_reconstructions: int = field(default=8, metadata={"help": "validation images in the reconstruction PNG"})
+    device_data: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the decoded uint8 train split on the training device and crop / flip / normalise batches "
+            "there (hf_mae.data.device_data): pretraining `standard` and fine-tuning `small` augmentation only"
+        },
+    )
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -175,7 +183,11 @@ def run_pretraining(
         )
     config = model.config
     ds = load_data(data_args, config.image_size, training_args.seed)
-    train = apply_transform(ds["train"], build_pretrain_transform(config.image_size, training_args.pretrain_aug))
+    if data_args.device_data:
+        train, collator = device_train_data(ds["train"], config.image_size, training_args, training_args.pretrain_aug)
+    else:
+        train = apply_transform(ds["train"], build_pretrain_transform(config.image_size, training_args.pretrain_aug))
+        collator = PretrainCollator()
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
@@ -186,7 +198,7 @@ def run_pretraining(
         args=training_args,
         train_dataset=train,
         eval_dataset=eval_ds,
-        data_collator=PretrainCollator(),
+        data_collator=collator,
         callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -252,9 +264,13 @@ def run_finetuning(
     else:
         model = MAEForImageClassification(config)
     aug = "small" if probe else training_args.finetune_aug
-    train = apply_transform(
-        ds["train"], build_finetune_transform(config.image_size, aug, re_prob=training_args.random_erasing)
-    )
+    if data_args.device_data:
+        train, collator = device_train_data(ds["train"], config.image_size, training_args, aug, with_labels=True)
+    else:
+        train = apply_transform(
+            ds["train"], build_finetune_transform(config.image_size, aug, re_prob=training_args.random_erasing)
+        )
+        collator = ClassificationCollator()
     eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
     mixup = build_mixup(
         aug,
@@ -271,7 +287,7 @@ def run_finetuning(
         args=training_args,
         train_dataset=train,
         eval_dataset=eval_ds,
-        data_collator=ClassificationCollator(),
+        data_collator=collator,
         compute_metrics=build_compute_metrics(k=min(5, len(names))),
         preprocess_logits_for_metrics=topk_predictions,
         callbacks=[_LogHistoryWriter(out / "log_history.json")],
