@@ -42,7 +42,8 @@ class MAETrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "image models take only pixel_values"})
     report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "loggers: tensorboard (written under output_dir/runs), wandb, none, ..."}
+        default="tensorboard",
+        metadata={"help": "loggers: tensorboard (written under output_dir/runs), wandb, none, ..."},
     )
     lr_scheduler_type: str = field(default="cosine_with_min_lr")
 
