@@ -215,7 +215,11 @@ def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
     ]  # fmt: skip
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    finished = all((tmp_path / "two" / name).exists() for name in ("rank0.json", "rank1.json", "final.pt"))
+    # gloo on CPU sometimes aborts a rank while tearing down after all work is written ("terminate called without
+    # an active exception"); that is not a training failure, anything else is
+    teardown_abort = finished and "terminate called without an active exception" in result.stderr
+    assert result.returncode == 0 or teardown_abort, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 and r["steps"] == 4 for r in ranks)
     one = torch.load(tmp_path / "one" / "final.pt")

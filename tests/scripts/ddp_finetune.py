@@ -62,6 +62,9 @@ def main(out: str, per_device_batch: int):
     )
     if trainer.is_world_process_zero():
         torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), Path(out) / "final.pt")
+    # a clean gloo shutdown: exiting with the process group alive can abort a rank ("terminate called without an
+    # active exception") after all the work is done
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
