@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command; writes `summary.json`, `summary.md` and each run's log under --out.
 
     python benchmarks/bench_all.py --device cuda --out "$OUT"           # GPU: ~8-10 min (budget 10 min)
-    python benchmarks/bench_all.py --device cuda --out "$OUT" --quick   # GPU: the first four runs, ~4-5 min
+    python benchmarks/bench_all.py --device cuda --out "$OUT" --quick   # GPU: the first five runs, ~5 min
     python benchmarks/bench_all.py --device cpu                         # CPU, batch 16: ~15 min on 2 cores
 
 Each benchmark runs in its own process with a time limit, so one failure or hang costs only its own entry, and the
@@ -42,16 +42,18 @@ def suite(device: str, quick: bool, preset: str) -> list[tuple[str, list[str], i
                 [*py, str(HERE / "bench_data.py"), "--device", "cuda", "--workers", "0,8", "--batches", "50"],
                 150,
             ),
+            ("trainer_bf16", [*py, str(HERE / "bench_trainer.py"), "--device", "cuda", "--dtype", "bf16"], 180),
             ("dmae_bf16", [*py, str(HERE / "bench_dmae.py"), "--device", "cuda", "--dtype", "bf16"], 150),
             ("train_step_bf16_compile", [*step, "--dtype", "bf16", "--compile"], 400),
         ]
-        return runs[:4] if quick else runs
+        return runs[:5] if quick else runs
     cpu = [*step, "--batch", "16", "--steps", "5", "--warmup", "1"]
     runs = [
         ("train_step_fp32", [*cpu, "--dtype", "fp32"], 900),
         ("train_step_bf16", [*cpu, "--dtype", "bf16"], 900),
         ("data", [*py, str(HERE / "bench_data.py"), "--device", "cpu"], 300),
         ("train_step_best", [*cpu, "--best"], 1500),
+        ("trainer_bf16", [*py, str(HERE / "bench_trainer.py"), "--device", "cpu", "--preset", preset], 900),
     ]
     return runs[:3] if quick else runs
 
@@ -89,10 +91,8 @@ def markdown(summary: dict) -> str:
                         f"{c['gflop_per_image']:.2f} | {mfu} | {speedup} |"
                     )
             else:
-                lines.append(
-                    f"| {name} | data | {result['path']}, {result['workers']} workers | | | "
-                    f"{result['images_per_s']:,.0f} | | | | | |"
-                )
+                workers = f", {result['workers']} workers" if "workers" in result else ""
+                lines.append(f"| {name} | | {result['path']}{workers} | | | {result['images_per_s']:,.0f} | | | | | |")
     lines += [
         "",
         "img/s: batch / median step; best round: batch / fastest step; speed-up: hf_mae / transformers on medians "

@@ -229,3 +229,17 @@ def test_encoder_without_masking_keeps_order():
     assert out.last_hidden_state.shape == (2, 17, 32)
     assert torch.all(out.mask == 0) and torch.equal(out.ids_restore[0], torch.arange(16))
     assert len(out.hidden_states) == 3  # embeddings + 2 blocks
+
+
+def test_bf16_cpu_attention_matches_fp32():
+    from hf_mae.modeling_mae import MAEAttention
+
+    torch.manual_seed(0)
+    attn = MAEAttention(64, 4)
+    x = torch.randn(2, 17, 64)
+    reference = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attn(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), reference, atol=0.05, rtol=0.05)
+    assert (low.float() - reference).pow(2).mean().sqrt() < 0.01

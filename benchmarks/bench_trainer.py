@@ -1,0 +1,144 @@
+"""End-to-end pretraining throughput through `MAETrainer` fed by the device data path, against the bare step.
+
+The bare step is bench_train_step's (forward + loss + backward + fused AdamW) on a ready batch; the Trainer run adds
+what a real run pays per step: the device data path (crop + flip + normalise on the device), the Trainer loop, its
+logging bookkeeping and `MAETrainer`'s non-finite-loss guard. The Trainer runs twice, with `logging_nan_inf_filter`
+on (transformers' default: one `isnan` host sync per step) and off, to show what those syncs cost.
+
+    python benchmarks/bench_trainer.py --device cuda --dtype bf16
+    python benchmarks/bench_trainer.py --device cpu --batch 16 --steps 4 --warmup 1
+
+Prints figures, never asserts; `--json PATH` also writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import default_device, machine_info, sync, time_alternating  # noqa: E402
+from bench_train_step import Contender  # noqa: E402
+
+from hf_mae import MAEConfig, MAEForPreTraining  # noqa: E402
+from hf_mae.data.device_data import DeviceAugmentCollator, DeviceImageDataset  # noqa: E402
+from hf_mae.training import MAEPretrainingArguments, MAETrainer  # noqa: E402
+
+
+class _Clock(TrainerCallback):
+    """Time from the end of step `start` to the end of training, syncing the device only at those two points."""
+
+    def __init__(self, start: int, device: torch.device):
+        self.start_step, self.device = start, device
+        self.start = self.end = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.start_step:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        self.end = time.perf_counter()
+
+
+def trainer_rate(model, dataset, collator, args: argparse.Namespace, device: torch.device, nan_filter: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = MAEPretrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.warmup + args.steps,
+            warmup_steps=1,
+            bf16=args.dtype == "bf16",
+            torch_compile=args.compile,
+            use_cpu=device.type == "cpu",
+            logging_steps=10**6,
+            logging_nan_inf_filter=nan_filter,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+        )
+        clock = _Clock(args.warmup, device)
+        trainer = MAETrainer(
+            model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[clock]
+        )
+        trainer.train()
+    return args.batch * args.steps / (clock.end - clock.start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (Trainer: --torch_compile)")
+    parser.add_argument("--preset", default="seed-vit-b8-64")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 16 on CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 GPU, 4 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 1 CPU)")
+    parser.add_argument("--num_images", type=int, default=10_000, help="synthetic uint8 images on the device")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.getLogger("hf_mae").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.batch = args.batch or (128 if gpu else 16)
+    args.steps = args.steps or (50 if gpu else 4)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info(device)
+    print(
+        f"{info['device']}, torch threads {info['torch_threads']}, load average {info['load_average']}, "
+        f"fp32 matmul {info['matmul_fp32_gflops']} GFLOP/s"
+    )
+    print(f"preset {args.preset}, batch {args.batch}, {args.dtype}, {'compile' if args.compile else 'eager'}")
+    config = MAEConfig.from_preset(args.preset)
+    torch.manual_seed(0)
+    shape = (args.num_images, config.num_channels, config.image_size, config.image_size)
+    dataset = DeviceImageDataset(torch.randint(0, 256, shape, dtype=torch.uint8), device=device)
+    collator = DeviceAugmentCollator(dataset, config.image_size, seed=0)
+
+    bare = Contender("bare step", MAEForPreTraining(config).to(device).train(), args.dtype, args.compile, {})
+    bare.inputs = collator(list(range(args.batch)))
+    times = time_alternating({"bare": bare.step}, args.steps, args.warmup, device)["bare"]
+    rows = {"bare step (ready batch)": args.batch / statistics.median(times)}
+    del bare
+    for nan_filter in (True, False):
+        model = MAEForPreTraining(config)
+        name = f"MAETrainer + device data, logging_nan_inf_filter={nan_filter}"
+        rows[name] = trainer_rate(model, dataset, collator, args, device, nan_filter)
+        del model
+    for name, rate in rows.items():
+        print(f"{name:<64} {rate:>9.1f} img/s")
+    after = machine_info(device)
+    info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
+    print(f"after: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s")
+    out = dict(
+        machine=info,
+        args={k: str(v) for k, v in vars(args).items()},
+        results=[dict(path=k, images_per_s=v) for k, v in rows.items()],
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
