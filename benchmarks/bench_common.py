@@ -224,3 +224,14 @@ def paired_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
 
 def fmt(value: float | None, spec: str = ".1f", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
+
+
+def print_machine_info(device) -> dict:
+    """`machine_info` plus the two header lines every benchmark prints."""
+    info = machine_info(device)
+    print(
+        f"{info['device']}, torch threads {info['torch_threads']}, load average {info['load_average']}, "
+        f"fp32 matmul {info['matmul_fp32_gflops']} GFLOP/s"
+    )
+    print(" ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    return info

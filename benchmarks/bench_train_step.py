@@ -45,6 +45,7 @@ from bench_common import (  # noqa: E402
     machine_info,
     paired_ratio,
     peak_flops,
+    print_machine_info,
     time_alternating,
 )
 
@@ -278,12 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info(device)
-    print(
-        f"{info['device']}, torch threads {info['torch_threads']}, load average {info['load_average']}, "
-        f"fp32 matmul {info['matmul_fp32_gflops']} GFLOP/s"
-    )
-    print(" ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    info = print_machine_info(device)
     mode = f"best hf_mae settings {best_settings(device)} vs transformers fp32 eager" if args.best else ""
     print(f"preset {args.preset}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed rounds {mode}")
     tasks = TASKS if args.task == "both" else (args.task,)

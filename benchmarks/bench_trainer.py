@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_device, machine_info, sync, time_alternating  # noqa: E402
+from bench_common import default_device, machine_info, print_machine_info, sync, time_alternating  # noqa: E402
 from bench_train_step import Contender  # noqa: E402
 
 from hf_mae import MAEConfig, MAEForPreTraining  # noqa: E402
@@ -102,11 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info(device)
-    print(
-        f"{info['device']}, torch threads {info['torch_threads']}, load average {info['load_average']}, "
-        f"fp32 matmul {info['matmul_fp32_gflops']} GFLOP/s"
-    )
+    info = print_machine_info(device)
     print(f"preset {args.preset}, batch {args.batch}, {args.dtype}, {'compile' if args.compile else 'eager'}")
     config = MAEConfig.from_preset(args.preset)
     torch.manual_seed(0)

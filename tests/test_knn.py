@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import TINY
 
 from hf_mae import MAEConfig, MAEForPreTraining
 from hf_mae.training import MAEPretrainingArguments, MAETrainer
 from hf_mae.training.knn import KNNArguments, KNNMonitor, knn_top1, knn_votes
-
-TINY = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-)
 
 
 def test_knn_perfect_clusters_give_100_percent():
