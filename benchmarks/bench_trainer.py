@@ -2,8 +2,10 @@
 
 The bare step is bench_train_step's (forward + loss + backward + fused AdamW) on a ready batch; the Trainer run adds
 what a real run pays per step: the device data path (crop + flip + normalise on the device), the Trainer loop, its
-logging bookkeeping and `MAETrainer`'s non-finite-loss guard. The Trainer runs twice, with `logging_nan_inf_filter`
-on (transformers' default: one `isnan` host sync per step) and off, to show what those syncs cost.
+logging bookkeeping and `MAETrainer`'s non-finite-loss guard. The Trainer runs twice: with hf_mae's defaults (no host
+sync inside a step: the guard skips bad steps through fused AdamW's `found_inf`) and with transformers' own
+`logging_nan_inf_filter=True` (an `isnan` host sync every step), to show what one sync per step costs. On CUDA a
+short extra run of each counts the synchronising calls per step with torch.cuda's sync debug mode.
 
     python benchmarks/bench_trainer.py --device cuda --dtype bf16
     python benchmarks/bench_trainer.py --device cpu --batch 16 --steps 4 --warmup 1
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,12 +57,43 @@ class _Clock(TrainerCallback):
         self.end = time.perf_counter()
 
 
-def trainer_rate(model, dataset, collator, args: argparse.Namespace, device: torch.device, nan_filter: bool) -> float:
+class _SyncsPerStep(TrainerCallback):
+    """CUDA: synchronising calls inside each optimizer step (forward to lr scheduler), from torch.cuda's sync debug
+    mode, which warns once per such call."""
+
+    def __init__(self):
+        self.per_step: list[int] = []
+        self._catch = self._caught = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        self.per_step.append(sum("synchroniz" in str(w.message) for w in self._caught))
+
+
+def trainer_rate(
+    model,
+    dataset,
+    collator,
+    args: argparse.Namespace,
+    device: torch.device,
+    nan_filter: bool,
+    steps: int | None = None,
+) -> tuple[float, list[int] | None]:
+    """Images/s of `MAETrainer` over `args.steps` steps after `args.warmup`; with `steps`, a short run that counts
+    host syncs per step instead (CUDA only)."""
+    count = steps is not None
     with tempfile.TemporaryDirectory() as tmp:
         training_args = MAEPretrainingArguments(
             output_dir=tmp,
             per_device_train_batch_size=args.batch,
-            max_steps=args.warmup + args.steps,
+            max_steps=steps if count else args.warmup + args.steps,
             warmup_steps=1,
             bf16=args.dtype == "bf16",
             torch_compile=args.compile,
@@ -72,12 +106,14 @@ def trainer_rate(model, dataset, collator, args: argparse.Namespace, device: tor
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
         )
-        clock = _Clock(args.warmup, device)
+        watch = _SyncsPerStep() if count else _Clock(args.warmup, device)
         trainer = MAETrainer(
-            model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[clock]
+            model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[watch]
         )
         trainer.train()
-    return args.batch * args.steps / (clock.end - clock.start)
+    if count:
+        return float("nan"), watch.per_step
+    return args.batch * args.steps / (watch.end - watch.start), None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 1 CPU)")
     parser.add_argument("--num_images", type=int, default=10_000, help="synthetic uint8 images on the device")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sync_steps", type=int, default=6, help="CUDA: steps of the sync-counting runs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.getLogger("hf_mae").setLevel(logging.WARNING)
@@ -115,20 +152,23 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_alternating({"bare": bare.step}, args.steps, args.warmup, device)["bare"]
     rows = {"bare step (ready batch)": args.batch / statistics.median(times)}
     del bare
-    for nan_filter in (True, False):
-        model = MAEForPreTraining(config)
-        name = f"MAETrainer + device data, logging_nan_inf_filter={nan_filter}"
-        rows[name] = trainer_rate(model, dataset, collator, args, device, nan_filter)
-        del model
+    syncs = {}
+    for nan_filter in (False, True):
+        name = "MAETrainer + device data, " + ("logging_nan_inf_filter=True" if nan_filter else "hf_mae defaults")
+        rows[name], _ = trainer_rate(MAEForPreTraining(config), dataset, collator, args, device, nan_filter)
+        if gpu:
+            model = MAEForPreTraining(config)
+            syncs[name] = trainer_rate(model, dataset, collator, args, device, nan_filter, steps=args.sync_steps)[1]
     for name, rate in rows.items():
-        print(f"{name:<64} {rate:>9.1f} img/s")
+        counted = f"   host syncs per step {syncs[name]}" if name in syncs else ""
+        print(f"{name:<64} {rate:>9.1f} img/s{counted}")
     after = machine_info(device)
     info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
     print(f"after: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s")
     out = dict(
         machine=info,
         args={k: str(v) for k, v in vars(args).items()},
-        results=[dict(path=k, images_per_s=v) for k, v in rows.items()],
+        results=[dict(path=k, images_per_s=v, host_syncs_per_step=syncs.get(k)) for k, v in rows.items()],
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -120,14 +120,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
                 snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
 
     trainer = MAETrainer(model=model, args=args, train_dataset=_Images(), callbacks=[SnapshotAfterGoodSteps()])
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss"):
+    # losses are NaN from step 3 on; without a host sync per step the counters are read every 3 steps, so the run
+    # stops at the check after step 6, with steps 3-6 skipped
+    with pytest.raises(NonFiniteLossError, match="4 steps in a row had a non-finite loss .seen at step 6"):
         trainer.train()
-    assert trainer.nonfinite_steps_skipped == 3
+    assert trainer.nonfinite_steps_skipped == 4
     # the skipped steps left every weight (and so the optimizer's effect) untouched
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshot[key]), key
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any("optimizer step skipped" in r.message for r in caplog.records)
+    assert any("optimizer step(s) skipped" in r.message for r in caplog.records)
 
 
 def _run(cmd, timeout=600):

@@ -309,6 +309,8 @@ def device_train_data(
         logger.info("device data path: dataloader_num_workers %d -> 0", args.dataloader_num_workers)
     args.dataloader_num_workers = 0
     args.dataloader_pin_memory = False
+    if getattr(args.accelerator_config, "non_blocking", False):
+        args.accelerator_config.non_blocking = False  # batches are born on the device: nothing to copy
     logger.info("device data path: %d images, %.2f GB uint8 on %s", len(dataset), images.numel() / 1e9, dataset.device)
     collator = DeviceAugmentCollator(dataset, image_size, scale=DEVICE_AUGS[aug], seed=args.seed + args.process_index)
     return dataset, collator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import SchedulerType, TrainingArguments
@@ -46,11 +47,26 @@ class MAETrainingArguments(TrainingArguments):
         metadata={"help": "loggers: tensorboard (written under output_dir/runs), wandb, none, ..."},
     )
     lr_scheduler_type: str = field(default="cosine_with_min_lr")
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "the Trainer's per-step NaN check of the logged loss (a host sync each step); MAETrainer already "
+            "skips non-finite steps and logs 0 for them"
+        },
+    )
 
     def __post_init__(self):
+        given = self.accelerator_config
+        non_blocking_given = isinstance(given, (str, Path)) or (
+            given is not None and (not isinstance(given, dict) or "non_blocking" in given)
+        )
         super().__post_init__()
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; avoids a warning per dataloader
+        if self.dataloader_pin_memory and not self.use_cpu and not non_blocking_given:
+            # pinned batches copied without blocking the host: a blocking copy waits for the GPU to finish the
+            # previous step, a host sync per batch
+            self.accelerator_config.non_blocking = True
         if self.base_learning_rate is not None:
             if self.base_learning_rate <= 0:
                 raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")

@@ -53,8 +53,10 @@ class MAETrainer(Trainer):
     - AdamW parameter groups from `hf_mae.training.optim.param_groups` (no decay on 1-D tensors and biases,
       optional layer-wise lr decay from `args.layer_decay`);
     - a step whose loss is NaN/inf on any process is skipped on all of them (no update, no momentum change), logged,
-      and `args.max_nonfinite_steps` such steps in a row stop the run with `NonFiniteLossError`
-      (patch size 8 is known to diverge in the official code);
+      and `args.max_nonfinite_steps` such steps in a row stop the run with `NonFiniteLossError` (patch size 8 is
+      known to diverge in the official code). With fused AdamW (the default) this costs no host sync per step: the
+      kernel skips the update itself and the counters are checked every `max_nonfinite_steps` steps and at each log,
+      so a run stops at most `max_nonfinite_steps - 1` steps after the limit is reached;
     - evaluation draws its random masks from `args.seed`, so `eval_loss` is comparable across evaluations;
     - `mixup` (a timm `Mixup`, from `hf_mae.data.build_mixup`) mixes training batches on the device; evaluation
       batches keep their hard labels.
@@ -64,9 +66,10 @@ class MAETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
         self.results: dict = {}  # final metrics, shown in the model card
-        self._skip_this_step = False
-        self._nonfinite_streak = 0
-        self.nonfinite_steps_skipped = 0
+        self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
+        self._nonfinite_counts: torch.Tensor | None = None
+        self._nonfinite_reported = 0
+        self._optimizer_steps = 0
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -96,17 +99,85 @@ class MAETrainer(Trainer):
             logger.info("warm-up: %s epochs = %d optimizer steps", warmup_epochs, self.args.warmup_steps)
         return super().create_scheduler(num_training_steps, optimizer)
 
+    # -- the non-finite guard: no host sync per step ------------------------------------------------------------------
+    # training_step records on the device whether its loss was finite; the optimizer step turns that into fused
+    # AdamW's `found_inf` (the flag GradScaler uses), so a bad step is skipped by the kernel itself; the counters
+    # are read back, one host sync, only every `max_nonfinite_steps` steps and when the Trainer logs.
+
     def _guard_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         step = optimizer.step
 
         def guarded_step(*args, **kwargs):
-            if self._skip_this_step:
-                self._skip_this_step = False
-                return None
-            self._nonfinite_streak = 0
-            return step(*args, **kwargs)
+            bad, self._pending_nonfinite = self._pending_nonfinite, None
+            if bad is None:  # a step outside `training_step` (a user's own loop)
+                return step(*args, **kwargs)
+            # every process must agree, or DDP's next all-reduce would pair a skipped step with a taken one
+            bad = self.accelerator.reduce(bad, reduction="sum").clamp(max=1)
+            self._count_nonfinite(bad)
+            self._optimizer_steps += 1
+            try:
+                if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused AdamW/Adam/SGD
+                    previous = getattr(optimizer, "found_inf", None)  # set when a GradScaler drives the step (fp16)
+                    optimizer.found_inf = bad if previous is None else torch.maximum(previous, bad)
+                    try:
+                        return step(*args, **kwargs)
+                    finally:
+                        if previous is None:
+                            del optimizer.found_inf
+                        else:
+                            optimizer.found_inf = previous
+                if bad.item():  # LARS, foreach AdamW, ...: they cannot skip on the device, so ask the host
+                    return None
+                return step(*args, **kwargs)
+            finally:
+                limit = getattr(self.args, "max_nonfinite_steps", 0)
+                if limit and self._optimizer_steps % limit == 0:
+                    self._check_nonfinite(self.state.global_step + 1)  # the step being taken
 
         optimizer.step = guarded_step
+
+    def _count_nonfinite(self, bad: torch.Tensor) -> None:
+        """Update the on-device counters [skipped in all, current streak, longest streak since the last check]."""
+        if self._nonfinite_counts is None or self._nonfinite_counts.device != bad.device:
+            self._nonfinite_counts = torch.zeros(3, device=bad.device)
+        skipped, streak, longest = self._nonfinite_counts.unbind()
+        streak = (streak + bad) * bad
+        self._nonfinite_counts = torch.stack([skipped + bad, streak, torch.maximum(longest, streak)])
+
+    def _check_nonfinite(self, step: int) -> None:
+        """Read the counters back (a host sync), warn about new skipped steps and stop after too many in a row."""
+        if self._nonfinite_counts is None:
+            return
+        skipped, streak, longest = (int(v) for v in self._nonfinite_counts.tolist())
+        self._nonfinite_counts[2] = streak  # the next check looks at streaks from here on
+        if skipped > self._nonfinite_reported:
+            logger.warning(
+                "non-finite loss: %d optimizer step(s) skipped up to step %d (%d in all, %d in a row at most)",
+                skipped - self._nonfinite_reported,
+                step,
+                skipped,
+                longest,
+            )
+            self._nonfinite_reported = skipped
+        limit = getattr(self.args, "max_nonfinite_steps", 0)
+        if limit and longest >= limit:
+            raise NonFiniteLossError(
+                f"Stopping: {longest} steps in a row had a non-finite loss (seen at step {step}). "
+                "Lower the learning rate, raise warm-up, or use bf16 instead of fp16; resume from the last checkpoint "
+                f"in {self.args.output_dir} with --resume_from_checkpoint."
+            )
+
+    @property
+    def nonfinite_steps_skipped(self) -> int:
+        """Optimizer steps skipped so far because a loss was NaN/inf (reading it is a host sync)."""
+        return 0 if self._nonfinite_counts is None else int(self._nonfinite_counts[0])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: every process makes it at the same step
+            self._check_nonfinite(self.state.global_step)
+            if self._nonfinite_reported:
+                logs["nonfinite_steps_skipped"] = self._nonfinite_reported
+        super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self.mixup is not None:
@@ -117,27 +188,13 @@ class MAETrainer(Trainer):
                 self.mixup, inputs["pixel_values"], inputs["labels"]
             )
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # every process must agree, or DDP's next all-reduce would pair a skipped step with a taken one
-        finite = bool(torch.isfinite(self.accelerator.gather(loss.detach().reshape(1))).all())
-        if not finite:
-            self._skip_this_step = True
-            self._nonfinite_streak += 1
-            self.nonfinite_steps_skipped += 1
-            logger.warning(
-                "non-finite loss at step %d: optimizer step skipped (%d in a row, %d in all)",
-                self.state.global_step,
-                self._nonfinite_streak,
-                self.nonfinite_steps_skipped,
-            )
-            limit = getattr(self.args, "max_nonfinite_steps", 0)
-            if limit and self._nonfinite_streak >= limit:
-                raise NonFiniteLossError(
-                    f"Stopping: {self._nonfinite_streak} steps in a row had a non-finite loss (last at step "
-                    f"{self.state.global_step}). Lower the learning rate, raise warm-up, or use bf16 instead of fp16; "
-                    f"resume from the last checkpoint in {self.args.output_dir} with --resume_from_checkpoint."
-                )
-            return torch.zeros_like(loss)
-        return loss
+        finite = torch.isfinite(loss)
+        bad = (~finite).float()
+        # over gradient-accumulation micro-batches: one bad loss spoils the accumulated gradient
+        pending = self._pending_nonfinite
+        self._pending_nonfinite = bad if pending is None else torch.maximum(pending, bad)
+        # a skipped step adds 0 to the logged loss (the Trainer's own nan filter would cost a host sync per step)
+        return torch.where(finite, loss, torch.zeros_like(loss))
 
     def create_model_card(self, **kwargs) -> None:
         """Write README.md in output_dir: architecture, the recipe actually used and `self.results`. Also what
