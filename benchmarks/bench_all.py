@@ -92,6 +92,8 @@ def markdown(summary: dict) -> str:
                     )
             else:
                 workers = f", {result['workers']} workers" if "workers" in result else ""
+                if result.get("host_syncs_per_step") is not None:
+                    workers += f" (host syncs per step: {result['host_syncs_per_step']})"
                 lines.append(f"| {name} | | {result['path']}{workers} | | | {result['images_per_s']:,.0f} | | | | | |")
     lines += [
         "",

@@ -209,11 +209,12 @@ def _free_port() -> int:
 
 
 def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
+    # step 3's loss is NaN on the only process of the first run and on rank 1 only of the second: both skip step 3
     script = "tests/scripts/ddp_finetune.py"
-    _run([sys.executable, script, str(tmp_path / "one"), "16"])
+    _run([sys.executable, script, str(tmp_path / "one"), "16", "0"])
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
-        "--main_process_port", str(_free_port()), script, str(tmp_path / "two"), "8",
+        "--main_process_port", str(_free_port()), script, str(tmp_path / "two"), "8", "1",
     ]  # fmt: skip
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -224,6 +225,8 @@ def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
     assert result.returncode == 0 or teardown_abort, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 and r["steps"] == 4 for r in ranks)
+    assert [r["skipped"] for r in ranks] == [1, 1]  # rank 0's loss was finite, and it skipped the step all the same
+    assert json.loads((tmp_path / "one" / "rank0.json").read_text())["skipped"] == 1
     one = torch.load(tmp_path / "one" / "final.pt")
     two = torch.load(tmp_path / "two" / "final.pt")
     for key in one:

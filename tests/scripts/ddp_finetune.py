@@ -1,6 +1,10 @@
-"""Launched by tests/test_training.py: a few deterministic fine-tuning steps with MAETrainer, one or two processes."""
+"""Launched by tests/test_training.py: a few deterministic fine-tuning steps with MAETrainer, one or two processes.
+
+`nan_rank`: the process whose loss is NaN at step 3. The whole step must then be skipped on every process, so the
+two-process run (NaN on rank 1 only) still ends with the weights of the one-process run (NaN on its only rank)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +28,18 @@ class Fixed(Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def main(out: str, per_device_batch: int):
+class NaNAtStep3(MAEForImageClassification):
+    nan_rank = 0
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.training and self.calls == 3 and int(os.environ.get("RANK", 0)) == self.nan_rank:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def main(out: str, per_device_batch: int, nan_rank: int):
     torch.manual_seed(0)
     config = MAEConfig(
         image_size=16,
@@ -37,7 +52,8 @@ def main(out: str, per_device_batch: int):
         decoder_num_attention_heads=2,
         num_labels=4,
     )
-    model = MAEForImageClassification(config)
+    model = NaNAtStep3(config)
+    model.nan_rank = nan_rank
     args = MAEFinetuningArguments(
         output_dir=out,
         per_device_train_batch_size=per_device_batch,
@@ -58,7 +74,14 @@ def main(out: str, per_device_batch: int):
     rank = trainer.args.process_index
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(
-        json.dumps({"rank": rank, "world_size": trainer.args.world_size, "steps": trainer.state.global_step})
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": trainer.args.world_size,
+                "steps": trainer.state.global_step,
+                "skipped": trainer.nonfinite_steps_skipped,
+            }
+        )
     )
     if trainer.is_world_process_zero():
         torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), Path(out) / "final.pt")
@@ -68,4 +91,4 @@ def main(out: str, per_device_batch: int):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
