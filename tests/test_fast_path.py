@@ -215,3 +215,32 @@ def test_pinned_batches_are_copied_without_blocking_on_cuda(tmp_path):
         assert not unpinned.accelerator_config.non_blocking  # pageable memory cannot be copied asynchronously
     on_cpu = MAEPretrainingArguments(output_dir=str(tmp_path), report_to="none")
     assert not on_cpu.dataloader_pin_memory and not on_cpu.accelerator_config.non_blocking
+
+
+def test_guard_composes_with_a_grad_scaler(tmp_path):
+    # fp16 on CUDA: GradScaler sets the optimizer's found_inf itself; the guard must add its own flag to it, not drop it
+    torch.manual_seed(0)
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    args = MAEPretrainingArguments(**_common_args(tmp_path))
+    trainer = MAETrainer(model=model, args=args, train_dataset=_device_pretraining_data()[0])
+    optimizer = trainer.create_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    pixels = torch.randn(4, 3, 16, 16)
+
+    def step(loss_was_finite: bool, inf_gradient: bool) -> bool:
+        """One scaled step; True when it changed the weights."""
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scaler.scale(model(pixel_values=pixels).loss).backward()
+        if inf_gradient:
+            model.mae.blocks[0].mlp.fc1.weight.grad[0, 0] = float("inf")
+        trainer._pending_nonfinite = torch.tensor(0.0 if loss_was_finite else 1.0)  # what training_step records
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        assert not hasattr(optimizer, "found_inf")  # the scaler's attribute was handed back for it to delete
+        return not _same(before, model.state_dict())
+
+    assert not step(loss_was_finite=True, inf_gradient=True)  # the scaler's flag alone skips
+    assert not step(loss_was_finite=False, inf_gradient=False)  # the guard's flag alone skips
+    assert step(loss_was_finite=True, inf_gradient=False)
+    assert trainer.nonfinite_steps_skipped == 1
