@@ -43,7 +43,14 @@ def suite(device: str, quick: bool, preset: str) -> list[tuple[str, list[str], i
                 150,
             ),
             ("trainer_bf16", [*py, str(HERE / "bench_trainer.py"), "--device", "cuda", "--dtype", "bf16"], 180),
+            # past the seed's batch: what the GPU does when launches are amortised (lr follows the batch by MAE's rule)
+            ("train_step_best_b512", [*step, "--best", "--task", "pretrain", "--batch", "512"], 200),
             ("dmae_bf16", [*py, str(HERE / "bench_dmae.py"), "--device", "cuda", "--dtype", "bf16"], 150),
+            (
+                "train_step_best_cudagraphs",
+                [*step, "--best", "--task", "pretrain", "--compile_mode", "reduce-overhead"],
+                240,
+            ),
             ("train_step_bf16_compile", [*step, "--dtype", "bf16", "--compile"], 400),
         ]
         return runs[:5] if quick else runs

@@ -71,6 +71,7 @@ class Contender:
     dtype: str
     compile: bool
     inputs: dict[str, torch.Tensor]
+    compile_mode: str | None = None
     optimizer: torch.optim.Optimizer = field(init=False)
     step: Callable[[], None] = field(init=False)
 
@@ -78,7 +79,7 @@ class Contender:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # The Trainer's default optimizer (adamw_torch_fused) with MAE's betas and weight decay.
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-        forward = torch.compile(self.model) if self.compile else self.model
+        forward = torch.compile(self.model, mode=self.compile_mode) if self.compile else self.model
         device_type = next(self.model.parameters()).device.type
 
         def step():
@@ -92,7 +93,9 @@ class Contender:
 
     @property
     def settings(self) -> str:
-        return f"{self.dtype} {'compile' if self.compile else 'eager'}"
+        if not self.compile:
+            return f"{self.dtype} eager"
+        return f"{self.dtype} compile" + (f" ({self.compile_mode})" if self.compile_mode else "")
 
     def flops_per_image(self, batch: int) -> float:
         """Forward + backward FLOPs (matmuls, convolutions, attention) of one image, from torch's flop counter."""
@@ -176,9 +179,10 @@ def run_task(task: str, args: argparse.Namespace, device: torch.device) -> dict:
     difference = max_output_difference(hf, tf, inputs)
     hf_settings = best_settings(device) if args.best else dict(dtype=args.dtype, compile=args.compile)
     tf_settings = dict(dtype="fp32", compile=False) if args.best else dict(dtype=args.dtype, compile=args.compile)
+    mode = args.compile_mode
     contenders = [
-        Contender(f"hf_mae {type(hf).__name__}", hf.train(), inputs=inputs, **hf_settings),
-        Contender(f"transformers {type(tf).__name__}", tf.train(), inputs=inputs, **tf_settings),
+        Contender(f"hf_mae {type(hf).__name__}", hf.train(), inputs=inputs, compile_mode=mode, **hf_settings),
+        Contender(f"transformers {type(tf).__name__}", tf.train(), inputs=inputs, compile_mode=mode, **tf_settings),
     ]
     times = time_alternating({c.name: c.step for c in contenders}, args.steps, args.warmup, device)
     peak = peak_flops(device)
@@ -258,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--best",
         action="store_true",
         help="hf_mae with its best settings for the device (bf16 + compile) vs transformers fp32 eager",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        help="torch.compile mode of the compiled contenders, e.g. reduce-overhead (CUDA graphs), max-autotune",
     )
     parser.add_argument("--task", choices=(*TASKS, "both"), default="both")
     parser.add_argument("--preset", default="seed-vit-b8-64", help="hf_mae MAEConfig preset")
