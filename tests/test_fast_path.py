@@ -244,3 +244,22 @@ def test_guard_composes_with_a_grad_scaler(tmp_path):
     assert not step(loss_was_finite=False, inf_gradient=False)  # the guard's flag alone skips
     assert step(loss_was_finite=True, inf_gradient=False)
     assert trainer.nonfinite_steps_skipped == 1
+
+
+def test_trainer_with_torch_compile_saves_plain_weights(tmp_path):
+    # --torch_compile: the Trainer trains the compiled module and still saves and reloads the plain model
+    torch.manual_seed(0)
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    dataset, collator = _device_pretraining_data()
+    args = MAEPretrainingArguments(
+        **_common_args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager", max_steps=4, logging_steps=2)
+    )
+    trainer = MAETrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    before = model.mae.blocks[0].attn.qkv.weight.detach().clone()
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert not torch.equal(before, model.mae.blocks[0].attn.qkv.weight)  # the compiled module trained these weights
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = MAEForPreTraining.from_pretrained(tmp_path / "final")
+    assert _same(model.state_dict(), reloaded.state_dict())
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
