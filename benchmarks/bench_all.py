@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary["runs"][name] = {"command": command, "status": "skipped (budget)"}
             continue
         json_path = out / f"{name}.json"
-        full = [*command, "--json", str(json_path)] if "bench_dmae" not in command[1] else command
+        full = [*command, "--json", str(json_path)]
         print(f"[{time.monotonic() - start:5.0f} s] {name}: {display(full)}", flush=True)
         run_start = time.monotonic()
         with open(out / f"{name}.log", "w") as log:

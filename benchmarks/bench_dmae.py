@@ -14,6 +14,7 @@ DMAE / MAE ratio is ~1.41 (`--flops` counts it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--flops", action="store_true", help="also count FLOPs per image (one batch-1 step each)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -120,11 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in medians.items():
         spread = f"{min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f}"
         print(f"{name:5s} step: median {value * 1e3:8.1f} ms ({spread} ms), {batch / value:8.1f} images/s")
+    ratio, paired = medians["DMAE"] / medians["MAE"], paired_ratio(times["DMAE"], times["MAE"])
     print(
-        f"DMAE / MAE step time: {medians['DMAE'] / medians['MAE']:.3f} (ratio of medians), "
-        f"{paired_ratio(times['DMAE'], times['MAE']):.3f} (median of per-round ratios); "
+        f"DMAE / MAE step time: {ratio:.3f} (ratio of medians), {paired:.3f} (median of per-round ratios); "
         f"target <= 1.5, FLOP floor ~1.41; load average now {machine_info(device)['load_average']}"
     )
+    if args.json:
+        results = [
+            dict(path=f"{name} step, {dtype_name}, batch {batch}", images_per_s=batch / value)
+            for name, value in medians.items()
+        ]
+        results[-1]["path"] += f" (DMAE / MAE step time {ratio:.3f}, paired {paired:.3f})"
+        out = dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=results, ratio=ratio)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
