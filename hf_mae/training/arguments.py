@@ -36,7 +36,10 @@ class MAETrainingArguments(TrainingArguments):
     )
     max_nonfinite_steps: int = field(
         default=10,
-        metadata={"help": "stop after this many optimizer steps in a row with a non-finite loss (each is skipped)"},
+        metadata={
+            "help": "stop after this many optimizer steps in a row with a non-finite loss (each is skipped); checked "
+            "every this many steps and at each log, so without a host sync per step; 0 = never stop"
+        },
     )
     lars: bool = field(
         default=False, metadata={"help": "LARS (momentum 0.9) instead of --optim, as MAE's linear probe"}
