@@ -212,6 +212,10 @@ class MAEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MAEBlock"]
     _supports_sdpa = True
     _can_compile_fullgraph = True
+    # The losses are means over the local batch. Without this, Trainer sees `**kwargs` in forward, counts the labels
+    # for a `num_items_in_batch` the model never uses, and then multiplies the loss by the number of processes
+    # (DDP) and skips its division by the gradient-accumulation steps: the gradients come out scaled.
+    accepts_loss_kwargs = False
     # Checkpoint keys that may be absent / left over without failing the load (regexes, logged in one line each).
     _allowed_missing_keys: tuple[str, ...] = ()
     _allowed_unexpected_keys: tuple[str, ...] = ()

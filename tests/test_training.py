@@ -62,10 +62,11 @@ def test_arguments_scale_lr_and_validate(tmp_path):
     assert args.learning_rate == pytest.approx(1.5e-4 * 128 / 256)
     assert args.adam_beta2 == 0.95 and args.weight_decay == 0.05 and not args.remove_unused_columns
     assert args.lr_scheduler_kwargs["min_lr"] == 0.0
+    assert args.max_grad_norm == 0.0  # the official recipes never clip (transformers' default would clip at 1.0)
     ft = MAEFinetuningArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=64, gradient_accumulation_steps=4
     )
-    assert ft.learning_rate == pytest.approx(5e-4) and ft.layer_decay == 0.65
+    assert ft.learning_rate == pytest.approx(5e-4) and ft.layer_decay == 0.65 and ft.max_grad_norm == 0.0
     with pytest.raises(ValueError, match="pretrain_aug"):
         MAEPretrainingArguments(output_dir=str(tmp_path), pretrain_aug="autoaugment")
     with pytest.raises(ValueError, match="warmup_epochs=10 must be shorter"):
@@ -226,11 +227,51 @@ def test_two_cpu_processes_match_one_process_at_same_global_batch(tmp_path):
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 and r["steps"] == 4 for r in ranks)
     assert [r["skipped"] for r in ranks] == [1, 1]  # rank 0's loss was finite, and it skipped the step all the same
-    assert json.loads((tmp_path / "one" / "rank0.json").read_text())["skipped"] == 1
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert single["skipped"] == 1
+    # the logged loss is the mean over the global batch, not multiplied by the number of processes (step 3 aside: it
+    # logs 0 for the skipped process)
+    for step in (0, 1, 3):
+        assert ranks[0]["losses"][step] == pytest.approx(single["losses"][step], rel=1e-5)
     one = torch.load(tmp_path / "one" / "final.pt")
     two = torch.load(tmp_path / "two" / "final.pt")
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
+class _Labelled(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("lars", [False, True], ids=["adamw", "lars"])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, lars):
+    # a mean loss over the batch: 2 x 8 accumulated must give the gradient (and logged loss) of one batch of 16
+    runs = {}
+    for batch, accumulation in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.0))
+        args = MAEFinetuningArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, max_steps=2, warmup_steps=0, logging_steps=1, lars=lars,
+            base_learning_rate=None, learning_rate=1e-2, report_to="none", save_strategy="no", disable_tqdm=True,
+            finetune_aug="small", seed=0,
+        )  # fmt: skip
+        trainer = MAETrainer(model=model, args=args, train_dataset=_Labelled())
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        runs[accumulation] = (model.state_dict(), losses)
+    (full, full_losses), (accumulated, accumulated_losses) = runs[1], runs[2]
+    assert accumulated_losses == pytest.approx(full_losses, rel=1e-5)
+    for key in full:
+        assert torch.allclose(full[key], accumulated[key], atol=1e-6), key
 
 
 def test_push_to_hub_passes_through_with_recipe_card(tmp_path, monkeypatch):

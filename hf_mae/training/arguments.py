@@ -41,6 +41,10 @@ class MAETrainingArguments(TrainingArguments):
             "every this many steps and at each log, so without a host sync per step; 0 = never stop"
         },
     )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "gradient clipping by global norm; 0 = none, as in the official MAE and DMAE recipes"},
+    )
     lars: bool = field(
         default=False, metadata={"help": "LARS (momentum 0.9) instead of --optim, as MAE's linear probe"}
     )

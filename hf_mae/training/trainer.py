@@ -25,6 +25,7 @@ RECIPE_FIELDS = (
     "gradient_accumulation_steps",
     "world_size",
     "weight_decay",
+    "max_grad_norm",
     "adam_beta1",
     "adam_beta2",
     "layer_decay",

@@ -80,6 +80,7 @@ def main(out: str, per_device_batch: int, nan_rank: int):
                 "world_size": trainer.args.world_size,
                 "steps": trainer.state.global_step,
                 "skipped": trainer.nonfinite_steps_skipped,
+                "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             }
         )
     )
