@@ -9,6 +9,7 @@ import ctypes
 import datetime
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import resource
@@ -235,3 +236,21 @@ def print_machine_info(device) -> dict:
     )
     print(" ".join(f"{k} {v}" for k, v in info["versions"].items()))
     return info
+
+
+def write_json(path: Path | None, out: dict) -> None:
+    """`--json PATH`: the figures as JSON (nothing when PATH is None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+
+
+def finish_run(info: dict, args, results: list, device) -> dict:
+    """The closing of every benchmark: the machine's load after the run (printed and kept), then the figures as a
+    dict, also written to `args.json`."""
+    after = machine_info(device)
+    info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
+    print(f"after: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s")
+    out = dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=results)
+    write_json(args.json, out)
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_device, host_syncs, machine_info, sync  # noqa: E402
+from bench_common import default_device, finish_run, host_syncs, machine_info, sync  # noqa: E402
 
 from hf_mae.data.device_data import DeviceAugmentCollator, DeviceImageDataset, decode_images  # noqa: E402
 
@@ -162,14 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     standard = [r["images_per_s"] for r in rows if r["path"].startswith("standard")]
     if standard:
         print(f"device path / best standard configuration: {rate / max(standard):.1f}x")
-    after = machine_info(device)
-    info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
-    print(f"after: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s")
-    out = dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    return finish_run(info, args, rows, device)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ DMAE / MAE ratio is ~1.41 (`--flops` counts it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_device, machine_info, paired_ratio, time_alternating  # noqa: E402
+from bench_common import default_device, machine_info, paired_ratio, time_alternating, write_json  # noqa: E402
 
 from hf_mae import DMAEConfig, DMAEForPreTraining, MAEConfig, MAEForPreTraining, MAEModel  # noqa: E402
 from hf_mae.training.optim import param_groups  # noqa: E402
@@ -133,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
             for name, value in medians.items()
         ]
         results[-1]["path"] += f" (DMAE / MAE step time {ratio:.3f}, paired {paired:.3f})"
-        out = dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=results, ratio=ratio)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        write_json(
+            args.json,
+            dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=results, ratio=ratio),
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ asserts. `--json PATH` also writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -40,9 +39,9 @@ from bench_common import (  # noqa: E402
     PeakMemory,
     cpu_flags,
     default_device,
+    finish_run,
     fmt,
     host_syncs,
-    machine_info,
     paired_ratio,
     peak_flops,
     print_machine_info,
@@ -293,16 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"preset {args.preset}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed rounds {mode}")
     tasks = TASKS if args.task == "both" else (args.task,)
     results = [run_task(task, args, device) for task in tasks]
-    after = machine_info(device)
-    info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
-    print(
-        f"\nafter: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s"
-    )
-    out = dict(machine=info, args={k: str(v) for k, v in vars(args).items()}, results=results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    return finish_run(info, args, results, device)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints figures, never asserts; `--json PATH` also writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -32,7 +31,13 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_device, machine_info, print_machine_info, sync, time_alternating  # noqa: E402
+from bench_common import (  # noqa: E402
+    default_device,
+    finish_run,
+    print_machine_info,
+    sync,
+    time_alternating,
+)
 from bench_train_step import Contender  # noqa: E402
 
 from hf_mae import MAEConfig, MAEForPreTraining  # noqa: E402
@@ -162,18 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, rate in rows.items():
         counted = f"   host syncs per step {syncs[name]}" if name in syncs else ""
         print(f"{name:<64} {rate:>9.1f} img/s{counted}")
-    after = machine_info(device)
-    info["load_average_after"], info["matmul_fp32_gflops_after"] = after["load_average"], after["matmul_fp32_gflops"]
-    print(f"after: load average {info['load_average_after']}, fp32 matmul {info['matmul_fp32_gflops_after']} GFLOP/s")
-    out = dict(
-        machine=info,
-        args={k: str(v) for k, v in vars(args).items()},
-        results=[dict(path=k, images_per_s=v, host_syncs_per_step=syncs.get(k)) for k, v in rows.items()],
+    return finish_run(
+        info, args, [dict(path=k, images_per_s=v, host_syncs_per_step=syncs.get(k)) for k, v in rows.items()], device
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
 
 
 if __name__ == "__main__":
