@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import torch
 from transformers import SchedulerType, TrainingArguments
 
 logger = logging.getLogger(__name__)
+
+
+def _launched_on_cpu_only() -> bool:
+    """True in a rank started by `accelerate launch` / `torchrun` (WORLD_SIZE > 1) on a machine without GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
 
 PRETRAIN_AUGS = ("standard", "3augment", "3augment_seed")
 FINETUNE_AUGS = ("small", "full")
@@ -63,6 +73,13 @@ class MAETrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if _launched_on_cpu_only() and not self.use_cpu:
+            # `accelerate launch` with a multi-process CPU config (use_cpu: true) starts the ranks but does not tell
+            # them to use gloo: without this each rank would train alone as a world of one
+            logger.info(
+                "%s processes launched and no accelerator: training on CPU with gloo", os.environ["WORLD_SIZE"]
+            )
+            self.use_cpu = True
         given = self.accelerator_config
         non_blocking_given = isinstance(given, (str, Path)) or (
             given is not None and (not isinstance(given, dict) or "non_blocking" in given)
