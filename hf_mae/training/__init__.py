@@ -10,7 +10,14 @@ from .dmae import DMAETrainer, DMAETrainingArguments, run_distillation
 from .knn import KNNArguments, KNNMonitor, knn_top1
 from .optim import param_groups
 from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_pretraining
-from .trainer import MAETrainer, NonFiniteLossError, build_compute_metrics, topk_predictions
+from .trainer import (
+    MAETrainer,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    build_compute_metrics,
+    newest_finite_checkpoint,
+    topk_predictions,
+)
 
 __all__ = [
     "DMAETrainer",
@@ -25,8 +32,10 @@ __all__ = [
     "MAETrainingArguments",
     "ModelArguments",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "build_compute_metrics",
     "knn_top1",
+    "newest_finite_checkpoint",
     "param_groups",
     "parse_args",
     "run_distillation",

@@ -45,7 +45,57 @@ RECIPE_FIELDS = (
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when `max_nonfinite_steps` optimizer steps in a row had a non-finite loss."""
+    """Raised when `max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised instead of saving a checkpoint or a model whose weights hold NaN/inf."""
+
+
+def _nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN/inf (one host read for all of them)."""
+    names = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    device = tensors[names[0]].device
+    flags = torch.stack([(~torch.isfinite(tensors[name])).any().to(device) for name in names]).tolist()
+    return [name for name, bad in zip(names, flags) if bad]
+
+
+def newest_finite_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-<step>` in `output_dir` whose saved weights are all finite, or None."""
+    from safetensors import safe_open
+
+    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()]
+    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name[11:]), reverse=True):
+        files = sorted(checkpoint.glob("*.safetensors"))
+        try:
+            finite = bool(files)
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    finite = finite and not _nonfinite_tensors({k: f.get_tensor(k) for k in f.keys()})
+        except (OSError, RuntimeError, ValueError):  # unreadable: not a checkpoint to resume from
+            finite = False
+        if finite:
+            return checkpoint
+    return None
+
+
+def _resume_hint(output_dir: str | Path) -> str:
+    checkpoint = newest_finite_checkpoint(output_dir)
+    if checkpoint is None:
+        return f"No checkpoint with finite weights in {output_dir}: start again with a lower learning rate."
+    return f"The newest checkpoint with finite weights is {checkpoint}: resume with --resume_from_checkpoint {checkpoint}."
+
+
+def _nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """1.0 on the device when any gradient the optimizer will apply holds NaN/inf (no host sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)  # fused per device and dtype; a NaN/inf element makes its norm NaN/inf
+    total = torch.stack([n.float() for n in norms]).sum()
+    return (~torch.isfinite(total)).float()
 
 
 class MAETrainer(Trainer):
@@ -112,6 +162,11 @@ class MAETrainer(Trainer):
             bad, self._pending_nonfinite = self._pending_nonfinite, None
             if bad is None:  # a step outside `training_step` (a user's own loop)
                 return step(*args, **kwargs)
+            # a finite loss can still give NaN/inf gradients (an overflow in backward at a huge learning rate); under
+            # a GradScaler (fp16) inf gradients are its business: it skips the step and lowers the scale itself
+            bad_grads = None if hasattr(optimizer, "found_inf") else _nonfinite_gradients(optimizer)
+            if bad_grads is not None:
+                bad = torch.maximum(bad, bad_grads.to(bad.device))
             # every process must agree, or DDP's next all-reduce would pair a skipped step with a taken one
             bad = self.accelerator.reduce(bad, reduction="sum").clamp(max=1)
             self._count_nonfinite(bad)
@@ -153,7 +208,7 @@ class MAETrainer(Trainer):
         self._nonfinite_counts[2] = streak  # the next check looks at streaks from here on
         if skipped > self._nonfinite_reported:
             logger.warning(
-                "non-finite loss: %d optimizer step(s) skipped up to step %d (%d in all, %d in a row at most)",
+                "non-finite loss or gradient: %d optimizer step(s) skipped up to step %d (%d in all, %d in a row at most)",
                 skipped - self._nonfinite_reported,
                 step,
                 skipped,
@@ -163,10 +218,26 @@ class MAETrainer(Trainer):
         limit = getattr(self.args, "max_nonfinite_steps", 0)
         if limit and longest >= limit:
             raise NonFiniteLossError(
-                f"Stopping: {longest} steps in a row had a non-finite loss (seen at step {step}). "
-                "Lower the learning rate, raise warm-up, or use bf16 instead of fp16; resume from the last checkpoint "
-                f"in {self.args.output_dir} with --resume_from_checkpoint."
+                f"Stopping: {longest} steps in a row had a non-finite loss (seen at step {step}; a NaN/inf gradient "
+                "counts as one) and were skipped. Lower the learning rate, raise warm-up, or use bf16 instead of fp16. "
+                + _resume_hint(self.args.output_dir)
             )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as `Trainer.save_model` (checkpoints and the final model go through here), but never weights that
+        hold NaN/inf: then raise `NonFiniteWeightsError` on every process and write nothing."""
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}
+        bad = _nonfinite_tensors(tensors)
+        flag = torch.tensor(float(bool(bad)), device=self.args.device)
+        if self.accelerator.reduce(flag, reduction="sum").item():  # every process agrees, so none waits for another
+            target = output_dir or self.args.output_dir
+            shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") if bad else "on another process"
+            raise NonFiniteWeightsError(
+                f"Refusing to save {target}: {len(bad) or 'some'} weight tensor(s) hold NaN/inf ({shown}). "
+                + _resume_hint(self.args.output_dir)
+            )
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     @property
     def nonfinite_steps_skipped(self) -> int:
