@@ -34,7 +34,15 @@ logger = logging.getLogger("demo")
 
 # The demo recipe: the MAE recipe's knobs, scaled to 1437 training images of 32 px.
 PRESET = "demo-tiny-32"
-COMMON = dict(report_to="none", save_strategy="no", logging_strategy="epoch", eval_strategy="epoch", seed=0)
+# the demo regenerates its outputs on every run (overwrite_output_dir), so `make demo` can be run again
+COMMON = dict(
+    report_to="none",
+    save_strategy="no",
+    logging_strategy="epoch",
+    eval_strategy="epoch",
+    seed=0,
+    overwrite_output_dir=True,
+)
 PRETRAIN = dict(per_device_train_batch_size=64, base_learning_rate=1.5e-3, weight_decay=0.05, **COMMON)
 FINETUNE = dict(
     per_device_train_batch_size=64,

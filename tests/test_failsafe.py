@@ -1,12 +1,23 @@
 """Fail-safe training: non-finite gradients never reach the weights, non-finite weights are never saved."""
 
+import shutil
+
 import pytest
 import torch
 from helpers import TINY
 from test_fast_path import _common_args, _device_pretraining_data, _same, _Snapshots
 
 from hf_mae import MAEConfig, MAEForPreTraining
-from hf_mae.training import MAEPretrainingArguments, MAETrainer, NonFiniteWeightsError, newest_finite_checkpoint
+from hf_mae.training import (
+    DataArguments,
+    MAEPretrainingArguments,
+    MAETrainer,
+    ModelArguments,
+    NonFiniteWeightsError,
+    newest_finite_checkpoint,
+    parse_args,
+)
+from hf_mae.training.trainer import OutputDirExistsError, incomplete_reason, resolve_resume_checkpoint
 
 
 class _InfGradOnCalls(MAEForPreTraining):
@@ -63,3 +74,113 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     assert newest_finite_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     with pytest.raises(NonFiniteWeightsError, match="checkpoint-4"):
         trainer.save_model()
+
+
+def _pretrain_args(tmp_path, **overrides) -> MAEPretrainingArguments:
+    return MAEPretrainingArguments(**_common_args(tmp_path, save_strategy="steps", save_steps=2, **overrides))
+
+
+def _trainer(args) -> MAETrainer:
+    torch.manual_seed(0)
+    dataset, collator = _device_pretraining_data()
+    return MAETrainer(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=dataset,
+                      data_collator=collator)  # fmt: skip
+
+
+def test_a_finished_run_is_not_overwritten_without_the_flag(tmp_path):
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=4))
+    trainer.train()
+    trainer.save_model()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(
+        OutputDirExistsError, match=r"already holds a run .*model\.safetensors.*--overwrite_output_dir"
+    ):
+        _trainer(_pretrain_args(tmp_path, max_steps=4)).train()
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # nothing touched
+    # the explicit opt-in replaces it; the old checkpoints go, so `latest` cannot mix the two runs
+    _trainer(_pretrain_args(tmp_path, max_steps=2, overwrite_output_dir=True)).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resume_latest_skips_incomplete_checkpoints(tmp_path, caplog):
+    _trainer(_pretrain_args(tmp_path, max_steps=4)).train()
+    # a kill while saving checkpoint-6: weights half written, no trainer_state.json yet
+    (tmp_path / "checkpoint-6").mkdir()
+    data = (tmp_path / "checkpoint-4" / "model.safetensors").read_bytes()
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert incomplete_reason(tmp_path / "checkpoint-6") is not None
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    # a complete-looking checkpoint whose weights are truncated is incomplete too
+    shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text(
+        (tmp_path / "checkpoint-4" / "trainer_state.json").read_text().replace('"global_step": 4', '"global_step": 8')
+    )
+    (tmp_path / "checkpoint-8" / "model.safetensors").write_bytes(data[:100])
+    assert "unreadable" in incomplete_reason(tmp_path / "checkpoint-8")
+    with pytest.raises(
+        ValueError, match=r"checkpoint-8 cannot be resumed from.*newest complete one is .*checkpoint-4"
+    ):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-8"), tmp_path)
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=6))
+    trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 6
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve_resume_checkpoint(True, tmp_path / "empty")
+
+
+def test_full_disk_says_no_space_and_names_the_path(tmp_path, monkeypatch):
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=2))
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456: basic_ios::clear")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device while saving .*checkpoint-2"):
+        trainer.train()
+
+
+def test_an_explicit_learning_rate_wins_and_blr_takes_none(tmp_path):
+    out = ["--output_dir", str(tmp_path), "--report_to", "none", "--per_device_train_batch_size", "64"]
+    types = (ModelArguments, DataArguments, MAEPretrainingArguments)
+    assert parse_args(types, out)[2].learning_rate == pytest.approx(1.5e-4 * 64 / 256)  # the recipe's blr
+    args = parse_args(types, [*out, "--learning_rate", "3e-3"])[2]
+    assert args.learning_rate == 3e-3 and args.base_learning_rate is None
+    args = parse_args(types, [*out, "--base_learning_rate", "none"])[2]
+    assert args.base_learning_rate is None and args.learning_rate == 5e-5  # transformers' default
+    args = parse_args(types, [*out, "--base_learning_rate", "1e-3"])[2]
+    assert args.learning_rate == pytest.approx(1e-3 * 64 / 256)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nreport_to: none\nbase_learning_rate: none\nlearning_rate: 0.002\n")
+    assert parse_args(types, [str(config)])[2].learning_rate == 0.002
+    with pytest.raises(ValueError, match="base_learning_rate must be a number or none, got 'fast'"):
+        MAEPretrainingArguments(output_dir=str(tmp_path), base_learning_rate="fast")
+
+
+def test_warmup_epochs_take_effect_in_a_plain_trainer(tmp_path):
+    import transformers
+
+    dataset, collator = _device_pretraining_data()  # 32 images, batch 8: 4 steps per epoch
+    args = MAEPretrainingArguments(**_common_args(tmp_path, max_steps=-1, num_train_epochs=4, warmup_epochs=2,
+                                                  warmup_steps=0))  # fmt: skip
+    trainer = transformers.Trainer(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=dataset,
+                                   data_collator=collator)  # fmt: skip
+    trainer.create_optimizer_and_scheduler(num_training_steps=16)
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs[8] == pytest.approx(args.learning_rate) and lrs[4] == pytest.approx(args.learning_rate / 2)
+    capped = MAEPretrainingArguments(**_common_args(tmp_path, max_steps=10, warmup_epochs=1, warmup_steps=0))
+    with pytest.raises(ValueError, match="MAETrainer"):
+        capped.get_warmup_steps(10)
+
+
+def test_bare_resume_flag_means_latest(tmp_path):
+    types = (ModelArguments, DataArguments, MAEPretrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    assert parse_args(types, [*base, "--resume_from_checkpoint"])[2].resume_from_checkpoint == "latest"
+    args = parse_args(types, ["--resume_from_checkpoint", *base])[2]
+    assert args.resume_from_checkpoint == "latest" and args.output_dir == str(tmp_path)
+    assert parse_args(types, base)[2].resume_from_checkpoint is None

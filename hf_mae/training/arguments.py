@@ -13,6 +13,18 @@ from transformers import SchedulerType, TrainingArguments
 logger = logging.getLogger(__name__)
 
 
+class FloatOrNone(float):
+    """The type of an optional float argument: a number, or `none` / `null` for None (`--base_learning_rate none`)."""
+
+    def __new__(cls, value, name: str = "value"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or none, got {value!r}") from None
+
+
 def _launched_on_cpu_only() -> bool:
     """True in a rank started by `accelerate launch` / `torchrun` (WORLD_SIZE > 1) on a machine without GPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
@@ -30,11 +42,18 @@ class MAETrainingArguments(TrainingArguments):
     """Shared recipe knobs. The learning rate follows MAE's linear scaling rule, warm-up is given in epochs and the
     schedule is a half-cycle cosine to `min_learning_rate`, stepped per iteration."""
 
-    base_learning_rate: float | None = field(
+    learning_rate: FloatOrNone | None = field(
+        default=None,
+        metadata={
+            "help": "the peak learning rate; when given it wins over --base_learning_rate (default: from the blr, "
+            "else 5e-5)"
+        },
+    )
+    base_learning_rate: FloatOrNone | None = field(
         default=None,
         metadata={
             "help": "MAE's blr: learning_rate = blr * effective batch / 256 (effective batch = per-device batch x "
-            "gradient accumulation x processes). None keeps --learning_rate as given."
+            "gradient accumulation x processes); used when --learning_rate is not given; `none` = off"
         },
     )
     min_learning_rate: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
@@ -57,6 +76,13 @@ class MAETrainingArguments(TrainingArguments):
     )
     lars: bool = field(
         default=False, metadata={"help": "LARS (momentum 0.9) instead of --optim, as MAE's linear probe"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "start afresh in an output_dir that holds a previous run (its checkpoints are removed); without "
+            "it such a run stops before touching anything"
+        },
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "image models take only pixel_values"})
     report_to: None | str | list[str] = field(
@@ -91,9 +117,22 @@ class MAETrainingArguments(TrainingArguments):
             # pinned batches copied without blocking the host: a blocking copy waits for the GPU to finish the
             # previous step, a host sync per batch
             self.accelerator_config.non_blocking = True
-        if self.base_learning_rate is not None:
-            if self.base_learning_rate <= 0:
-                raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")
+        for name in ("learning_rate", "base_learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from a YAML / JSON file or a plain constructor call
+                setattr(self, name, FloatOrNone(value, name))
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a number > 0 or none, got {value!r}")
+        if self.learning_rate is not None:
+            if self.base_learning_rate is not None:
+                logger.info(
+                    "learning_rate %.4g given: it wins over base_learning_rate %.3g", self.learning_rate,
+                    self.base_learning_rate,
+                )  # fmt: skip
+                self.base_learning_rate = None  # so the model card shows what was used
+        elif self.base_learning_rate is None:
+            self.learning_rate = TrainingArguments.learning_rate  # transformers' default, as for a plain Trainer
+        else:
             batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
             self.learning_rate = self.base_learning_rate * batch / 256
             logger.info(
@@ -121,12 +160,25 @@ class MAETrainingArguments(TrainingArguments):
         if SchedulerType(self.lr_scheduler_type) == SchedulerType.COSINE_WITH_MIN_LR:
             self.lr_scheduler_kwargs = {"min_lr": self.min_learning_rate, **(self.lr_scheduler_kwargs or {})}
 
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warm-up in optimizer steps: an explicit `warmup_steps` wins; `warmup_epochs` counts epochs. MAETrainer
+        converts epochs with the dataloader's length; a plain `transformers.Trainer` lands here, where an epoch is
+        `num_training_steps / num_train_epochs` (exact unless `max_steps` cuts the run, which is then an error)."""
+        if self.warmup_epochs is None or self.warmup_steps:
+            return super().get_warmup_steps(num_training_steps)
+        if self.max_steps > 0:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} with max_steps={self.max_steps}: the steps per epoch are unknown "
+                "here. Train with hf_mae.training.MAETrainer (it counts the dataloader), or give --warmup_steps."
+            )
+        return min(round(self.warmup_epochs * num_training_steps / self.num_train_epochs), num_training_steps)
+
 
 @dataclass
 class MAEPretrainingArguments(MAETrainingArguments):
     """Pretraining: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, 40 warm-up epochs of 800 (official ViT-B recipe)."""
 
-    base_learning_rate: float | None = field(default=1.5e-4, metadata={"help": "MAE pretraining blr"})
+    base_learning_rate: FloatOrNone | None = field(default=1.5e-4, metadata={"help": "MAE pretraining blr"})
     weight_decay: float = field(default=0.05)
     adam_beta2: float = field(default=0.95)
     num_train_epochs: float = field(default=800)
@@ -149,7 +201,7 @@ class MAEFinetuningArguments(MAETrainingArguments):
     """Fine-tuning: blr 5e-4, layer decay 0.65, wd 0.05, 5 of 100 warm-up epochs, min lr 1e-6, drop path 0.1, and the
     `full` augmentation (RandAugment, erasing 0.25, Mixup 0.8, CutMix 1.0, label smoothing 0.1) of the MAE ViT-B recipe."""
 
-    base_learning_rate: float | None = field(default=5e-4, metadata={"help": "MAE fine-tuning blr"})
+    base_learning_rate: FloatOrNone | None = field(default=5e-4, metadata={"help": "MAE fine-tuning blr"})
     layer_decay: float | None = field(default=0.65)
     weight_decay: float = field(default=0.05)
     min_learning_rate: float = field(default=1e-6)
@@ -184,7 +236,7 @@ class MAELinearProbeArguments(MAEFinetuningArguments):
 
     linear_probe: bool = field(default=True)
     lars: bool = field(default=True)
-    base_learning_rate: float | None = field(default=0.1)
+    base_learning_rate: FloatOrNone | None = field(default=0.1)
     weight_decay: float = field(default=0.0)
     layer_decay: float | None = field(default=None)
     min_learning_rate: float = field(default=0.0)

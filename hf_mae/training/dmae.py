@@ -17,7 +17,7 @@ from transformers import set_seed
 
 from ..configuration_dmae import DISTILL_LOSSES, PROJECTOR_TYPES, TEACHER_KINDS, TEACHER_POS_EMBED, DMAEConfig
 from ..modeling_dmae import DMAEForPreTraining, load_teacher, prepare_teacher
-from .arguments import MAEPretrainingArguments
+from .arguments import FloatOrNone, MAEPretrainingArguments
 from .pipeline import DataArguments, ModelArguments, parse_overrides, run_pretraining
 from .trainer import MAETrainer
 
@@ -44,7 +44,7 @@ class DMAETrainingArguments(MAEPretrainingArguments):
     """DMAE pretraining: MAE's optimizer and blr 1.5e-4, 20 warm-up epochs of 100 (official DMAE), plus the teacher
     and distillation knobs of [`DMAEConfig`]; each one left `None` keeps the model config's value."""
 
-    base_learning_rate: float | None = field(default=1.5e-4, metadata={"help": "DMAE pretraining blr"})
+    base_learning_rate: FloatOrNone | None = field(default=1.5e-4, metadata={"help": "DMAE pretraining blr"})
     num_train_epochs: float = field(default=100)
     warmup_epochs: float | None = field(default=20)
     teacher_path: str | None = field(

@@ -315,7 +315,11 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
 
     from transformers import HfArgumentParser
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means the newest complete checkpoint
+        if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "latest")
+            break
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(Path(argv[0]).resolve())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +84,113 @@ def newest_finite_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+class OutputDirExistsError(FileExistsError):
+    """Raised instead of overwriting an output_dir that holds a previous run."""
+
+
+# what a previous run leaves in output_dir; run logs alone (runs/, log_history.json) are not a run worth keeping
+RUN_FILES = ("model.safetensors", "results.json", "trainer_state.json")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    return int(path.name[11:]) if path.name.startswith("checkpoint-") and path.name[11:].isdigit() else None
+
+
+def incomplete_reason(checkpoint: str | Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None when it is complete. The Trainer writes trainer_state.json
+    last (after weights, optimizer, scheduler and RNG states), so it serves as the commit mark."""
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        return "it is not a directory"
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable trainer_state.json (the save was interrupted)"
+    step = checkpoint_step(checkpoint)
+    if step is not None and state.get("global_step") != step:
+        return f"trainer_state.json is for step {state.get('global_step')}"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as error:  # safetensors raises its own error types for a truncated file
+            return f"{file.name} is unreadable ({error})"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-<step>` in `output_dir` that is complete; each newer incomplete one is logged."""
+    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) is not None]
+    for checkpoint in sorted(checkpoints, key=checkpoint_step, reverse=True):
+        reason = incomplete_reason(checkpoint)
+        if reason is None:
+            return checkpoint
+        logger.warning("skipping incomplete checkpoint %s: %s", checkpoint, reason)
+    return None
+
+
+def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:
+    """`--resume_from_checkpoint`: None/False = start fresh; True, "", "latest" or "true" = the newest complete
+    checkpoint of output_dir; a path = that checkpoint, which must be complete."""
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("false", "none")):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() in ("", "latest", "true")):
+        checkpoint = newest_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint-* in {output_dir}")
+        logger.info("resuming from %s", checkpoint)
+        return str(checkpoint)
+    reason = incomplete_reason(resume)
+    if reason is not None:
+        newest = newest_complete_checkpoint(Path(resume).parent)
+        hint = f"; the newest complete one is {newest}" if newest else ""
+        raise ValueError(f"--resume_from_checkpoint {resume} cannot be resumed from: {reason}{hint}")
+    return str(resume)
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to start a fresh run in a directory that holds a previous one, unless `overwrite`; with `overwrite`
+    the previous run's checkpoints are removed so that a later `--resume_from_checkpoint latest` cannot pick them."""
+    out = Path(output_dir)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if checkpoint_step(p) is not None)
+    if not found and not checkpoints:
+        return
+    if not overwrite:
+        what = ", ".join(found + [p.name for p in checkpoints[-3:]])
+        raise OutputDirExistsError(
+            f"output_dir {out} already holds a run ({what}). Pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir."
+        )
+    for checkpoint in checkpoints:
+        logger.warning("--overwrite_output_dir: removing %s of the previous run", checkpoint)
+        shutil.rmtree(checkpoint)
+
+
 def _resume_hint(output_dir: str | Path) -> str:
     checkpoint = newest_finite_checkpoint(output_dir)
     if checkpoint is None:
         return f"No checkpoint with finite weights in {output_dir}: start again with a lower learning rate."
     return f"The newest checkpoint with finite weights is {checkpoint}: resume with --resume_from_checkpoint {checkpoint}."
+
+
+def _disk_error(error: Exception, path: Path) -> OSError | None:
+    """A full disk as an error that says so and names the path (torch.save reports it as `basic_ios::clear` or a
+    failed `write`); None for any other error."""
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or any(
+        s in text for s in ("No space left", "basic_ios::clear", "unexpected pos", "PytorchStreamWriter failed")
+    ):
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        return OSError(
+            errno.ENOSPC, f"No space left on device while saving {path} ({free / 2**20:.0f} MiB free): {text}"
+        )
+    return None
 
 
 def _nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
@@ -223,6 +328,25 @@ class MAETrainer(Trainer):
                 + _resume_hint(self.args.output_dir)
             )
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, but a fresh start never overwrites a previous run in output_dir (unless
+        `args.overwrite_output_dir`), and `resume_from_checkpoint=True` / `"latest"` takes the newest *complete*
+        checkpoint, skipping (and naming) any that a kill or a full disk left half-written."""
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume is None and self.is_world_process_zero():
+            check_output_dir(self.args.output_dir, getattr(self.args, "overwrite_output_dir", False))
+        self.accelerator.wait_for_everyone()
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            full = _disk_error(error, Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            if full is None:
+                raise
+            raise full from error
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as `Trainer.save_model` (checkpoints and the final model go through here), but never weights that
         hold NaN/inf: then raise `NonFiniteWeightsError` on every process and write nothing."""
@@ -237,7 +361,13 @@ class MAETrainer(Trainer):
                 f"Refusing to save {target}: {len(bad) or 'some'} weight tensor(s) hold NaN/inf ({shown}). "
                 + _resume_hint(self.args.output_dir)
             )
-        super().save_model(output_dir, _internal_call=_internal_call)
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        except (OSError, RuntimeError) as error:
+            full = _disk_error(error, Path(output_dir or self.args.output_dir))
+            if full is None:
+                raise
+            raise full from error
 
     @property
     def nonfinite_steps_skipped(self) -> int:
