@@ -15,11 +15,15 @@ from transformers import TrainerCallback
 
 from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining
 from hf_mae.training import (
+    DataArguments,
     MAEFinetuningArguments,
+    MAELinearProbeArguments,
     MAEPretrainingArguments,
     MAETrainer,
+    ModelArguments,
     NonFiniteLossError,
     param_groups,
+    run_finetuning,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +182,22 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     _run([sys.executable, "examples/run_linear_probe.py", *args])
     config = json.loads((tmp_path / "lp" / "config.json").read_text())
     assert config["head_type"] == "linear_probe" and config["pooling"] == "cls"
+
+
+def test_linear_probe_run_leaves_the_encoder_unchanged(tmp_path):
+    pretrained = MAEForPreTraining(MAEConfig(**{**TINY, "image_size": 32, "num_labels": 10}))
+    pretrained.save_pretrained(tmp_path / "pt")
+    args = MAELinearProbeArguments(
+        output_dir=str(tmp_path / "lp"), report_to="none", disable_tqdm=True, per_device_train_batch_size=32,
+        max_steps=3, warmup_steps=1, save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32)
+    run_finetuning(ModelArguments(model_name_or_path=str(tmp_path / "pt")), data, args)
+    before, after = pretrained.state_dict(), load_file(tmp_path / "lp" / "model.safetensors")
+    encoder = [k for k in after if k.startswith("mae.")]
+    assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)
+    model = MAEForImageClassification(MAEConfig(**{**TINY, "image_size": 32, "num_labels": 10}))
+    assert all(p.requires_grad for p in model.mae.parameters())  # built directly: nothing frozen
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -147,6 +147,13 @@ def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, cro
     trainer.save_model()
 
 
+def freeze_for_linear_probe(model: MAEForImageClassification) -> MAEForImageClassification:
+    """Only the head learns, as in MAE's linear probing: encoder and `fc_norm` get `requires_grad=False`."""
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    return model
+
+
 def build_pretraining_config(model_args: ModelArguments, training_args: MAEPretrainingArguments) -> MAEConfig:
     overrides = parse_overrides(model_args.config_overrides)
     if training_args.mask_ratio is not None:
@@ -263,6 +270,8 @@ def run_finetuning(
         model = MAEForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
     else:
         model = MAEForImageClassification(config)
+    if probe:
+        freeze_for_linear_probe(model)
     aug = "small" if probe else training_args.finetune_aug
     if data_args.device_data:
         train, collator = device_train_data(ds["train"], config.image_size, training_args, aug, with_labels=True)
