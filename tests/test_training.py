@@ -77,8 +77,12 @@ def test_arguments_scale_lr_and_validate(tmp_path):
         MAEPretrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, warmup_epochs=10)
     with pytest.raises(ValueError, match="layer_decay"):
         MAEFinetuningArguments(output_dir=str(tmp_path), layer_decay=1.5)
-    with pytest.raises(ValueError, match="mask_ratio"):
+    # mask_ratio and drop_path_rate are checked by the config's own validators, naming the arguments class
+    with pytest.raises(ValueError, match=r"MAEPretrainingArguments\.mask_ratio must be in \(0, 1\), got 1\.0"):
         MAEPretrainingArguments(output_dir=str(tmp_path), mask_ratio=1.0)
+    with pytest.raises(ValueError, match=r"MAEFinetuningArguments\.drop_path_rate must be in \[0, 1\), got 1\.0"):
+        MAEFinetuningArguments(output_dir=str(tmp_path), drop_path_rate=1.0)
+    assert "(0, 1)" in MAEPretrainingArguments.__dataclass_fields__["mask_ratio"].metadata["help"]
 
 
 class _Images(torch.utils.data.Dataset):
