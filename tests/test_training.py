@@ -24,6 +24,7 @@ from hf_mae.training import (
     NonFiniteLossError,
     param_groups,
     run_finetuning,
+    run_pretraining,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +203,21 @@ def test_linear_probe_run_leaves_the_encoder_unchanged(tmp_path):
     assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)
     model = MAEForImageClassification(MAEConfig(**{**TINY, "image_size": 32, "num_labels": 10}))
     assert all(p.requires_grad for p in model.mae.parameters())  # built directly: nothing frozen
+
+
+def test_pretraining_figure_and_card_leave_the_model_in_place(tmp_path):
+    model = MAEForPreTraining(MAEConfig(**{**TINY, "image_size": 32})).to(torch.bfloat16)
+    args = MAEPretrainingArguments(
+        output_dir=str(tmp_path), report_to="none", disable_tqdm=True, per_device_train_batch_size=16, max_steps=1,
+        warmup_steps=0, save_strategy="no", use_cpu=True, bf16=True,
+    )  # fmt: skip
+    data = DataArguments(dataset_name="digits", max_train_samples=16, max_eval_samples=4, num_reconstructions=2)
+    results = run_pretraining(ModelArguments(), data, args, model=model)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the figure did not cast the trained model
+    assert (tmp_path / "reconstructions.png").is_file()
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    card = (tmp_path / "README.md").read_text()
+    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.4f} |" in card  # via save_metrics
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -16,7 +16,7 @@ from transformers import TrainerCallback, set_seed
 from ..configuration_mae import MAEConfig
 from ..data.device_data import device_train_data
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from .arguments import MAEFinetuningArguments, MAEPretrainingArguments
+from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
 logger = logging.getLogger(__name__)
@@ -132,19 +132,63 @@ class _LogHistoryWriter(TrainerCallback):
 
 
 def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, crop_pct: float) -> None:
-    """Image processor, curves, results.json and the model card (main process), then the final save, which also
-    pushes everything in output_dir when --push_to_hub is set."""
+    """Image processor, curves, results.json, the Trainer's metrics files and the model card built from them (main
+    process), then the final save, which also pushes everything in output_dir when --push_to_hub is set."""
     from ..data import build_image_processor
     from ..visualize import plot_training_curves
 
     out = Path(trainer.args.output_dir)
-    trainer.results = results
+    trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
         build_image_processor(image_size, crop_pct).save_pretrained(out)
         plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         trainer.create_model_card()
     trainer.save_model()
+
+
+def _build_trainer(
+    trainer_cls: type[MAETrainer],
+    model: torch.nn.Module,
+    training_args: MAETrainingArguments,
+    train,
+    eval_ds,
+    collator,
+    extra_callbacks: list | None = None,
+    **kwargs: Any,
+) -> MAETrainer:
+    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows."""
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
+        **kwargs,
+    )
+
+
+def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
+    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved)."""
+    from ..visualize import save_reconstruction_grid
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = model.config
+    param = next(model.parameters())
+    n = min(num_images, len(eval_ds))
+    images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)]).to(param.device)
+    noise = torch.rand(n, config.num_patches, generator=torch.Generator().manual_seed(seed)).to(param.device)
+    was_training = model.training
+    low_precision = param.dtype != torch.float32
+    with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
+        save_reconstruction_grid(
+            model, images, Path(trainer.args.output_dir) / "reconstructions.png", noise=noise,
+            title=f"mask ratio {config.mask_ratio}",
+        )  # fmt: skip
+    model.train(was_training)
 
 
 def freeze_for_linear_probe(model: MAEForImageClassification) -> MAEForImageClassification:
@@ -178,7 +222,6 @@ def run_pretraining(
         build_eval_transform,
         build_pretrain_transform,
     )
-    from ..visualize import save_reconstruction_grid
 
     set_seed(training_args.seed)
     if model is None:
@@ -198,34 +241,13 @@ def run_pretraining(
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
-    )
+    trainer = _build_trainer(trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
-    if trainer.is_world_process_zero():
-        if eval_ds is not None and data_args.num_reconstructions > 0:
-            n = min(data_args.num_reconstructions, len(eval_ds))
-            images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)])
-            generator = torch.Generator().manual_seed(training_args.seed)
-            noise = torch.rand(n, config.num_patches, generator=generator)
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            save_reconstruction_grid(
-                unwrapped.cpu().float(),
-                images,
-                out / "reconstructions.png",
-                noise=noise,
-                title=f"mask ratio {config.mask_ratio}",
-            )
+    if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
+        _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
     _finish(trainer, results, "pretraining", config.image_size, data_args.crop_pct)
     logger.info("pretraining results: %s", results)
     return results
@@ -289,17 +311,15 @@ def run_finetuning(
         label_smoothing=training_args.label_smoothing,
         switch_prob=training_args.mixup_switch_prob,
     )
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = MAETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=eval_ds,
-        data_collator=collator,
+    trainer = _build_trainer(
+        MAETrainer,
+        model,
+        training_args,
+        train,
+        eval_ds,
+        collator,
         compute_metrics=build_compute_metrics(k=min(5, len(names))),
         preprocess_logits_for_metrics=topk_predictions,
-        callbacks=[_LogHistoryWriter(out / "log_history.json")],
         mixup=mixup,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

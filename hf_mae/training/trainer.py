@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -66,7 +67,6 @@ class MAETrainer(Trainer):
     def __init__(self, *args, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
-        self.results: dict = {}  # final metrics, shown in the model card
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
@@ -198,8 +198,9 @@ class MAETrainer(Trainer):
         return torch.where(finite, loss, torch.zeros_like(loss))
 
     def create_model_card(self, **kwargs) -> None:
-        """Write README.md in output_dir: architecture, the recipe actually used and `self.results`. Also what
-        `push_to_hub` uploads (transformers' generic card knows nothing about MAE)."""
+        """Write README.md in output_dir: architecture, the recipe actually used and the metrics saved with
+        `save_metrics` (output_dir/all_results.json). Also what `push_to_hub` uploads (transformers' generic card knows
+        nothing about MAE)."""
         if not self.is_world_process_zero():
             return
         from ..modeling_mae import default_model_card
@@ -209,10 +210,12 @@ class MAETrainer(Trainer):
         body = default_model_card(model)
         body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n"
         body += "".join(f"| {k} | {v} |\n" for k, v in recipe.items())
-        if self.results:
+        saved = Path(self.args.output_dir) / "all_results.json"
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        if results:
             body += "\n## Results\n\n| metric | value |\n|---|---|\n"
             body += "".join(
-                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in self.results.items()
+                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in results.items()
             )
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "README.md").write_text(body, encoding="utf-8")
