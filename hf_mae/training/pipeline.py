@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,24 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
         if limit is not None and split in ds and len(ds[split]) > limit:
             ds[split] = ds[split].shuffle(seed=seed).select(range(limit))
     return ds
+
+
+def knn_datasets(data_args: DataArguments) -> Callable[[int, int], tuple]:
+    """For [`KNNMonitor`]: `(image_size, seed) -> (memory, queries)`, the labelled train and validation splits that
+    `data_args` name, each shuffled with `seed`, with the eval transform (resize + center crop)."""
+    from ..data import apply_transform, build_eval_transform
+
+    def load(image_size: int, seed: int) -> tuple:
+        ds = load_data(data_args, image_size, seed)
+        if "validation" not in ds or "label" not in ds["train"].column_names:
+            raise ValueError("the k-NN monitor needs a labelled dataset with train and validation splits")
+        transform = build_eval_transform(image_size, data_args.crop_pct)
+        return (
+            apply_transform(ds["train"].shuffle(seed=seed), transform),
+            apply_transform(ds["validation"].shuffle(seed=seed), transform),
+        )
+
+    return load
 
 
 class _LogHistoryWriter(TrainerCallback):
