@@ -205,7 +205,7 @@ class KNNMonitor(TrainerCallback):
         if not knn_args.knn_eval_steps:
             return None
         if load_datasets is None:
-            from .pipeline import knn_datasets  # the pipeline imports this module
+            from .pipeline import knn_datasets  # only this flag-driven constructor needs the pipeline
 
             load_datasets = knn_datasets(data_args)
         return cls(

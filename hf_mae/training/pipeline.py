@@ -6,17 +6,33 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
+from ..data import (
+    ClassificationCollator,
+    PretrainCollator,
+    apply_transform,
+    build_eval_transform,
+    build_finetune_transform,
+    build_image_processor,
+    build_mixup,
+    build_pretrain_transform,
+    get_label_names,
+    load_digits_dataset,
+    load_image_dataset,
+    load_tiny_imagenet,
+)
 from ..data.device_data import device_train_data
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
+from ..visualize import plot_training_curves, save_reconstruction_grid
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
@@ -92,8 +108,6 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 
 def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
     """DatasetDict {train, validation} with `image` and (when labelled) `label` columns."""
-    from ..data import load_digits_dataset, load_image_dataset, load_tiny_imagenet
-
     if data_args.train_dir or data_args.validation_dir:
         ds = load_image_dataset(
             train_dir=data_args.train_dir,
@@ -124,7 +138,6 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
 def knn_datasets(data_args: DataArguments) -> Callable[[int, int], tuple]:
     """For [`KNNMonitor`]: `(image_size, seed) -> (memory, queries)`, the labelled train and validation splits that
     `data_args` name, each shuffled with `seed`, with the eval transform (resize + center crop)."""
-    from ..data import apply_transform, build_eval_transform
 
     def load(image_size: int, seed: int) -> tuple:
         ds = load_data(data_args, image_size, seed)
@@ -153,9 +166,6 @@ class _LogHistoryWriter(TrainerCallback):
 def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, crop_pct: float) -> None:
     """Image processor, curves, results.json, the Trainer's metrics files and the model card built from them (main
     process), then the final save, which also pushes everything in output_dir when --push_to_hub is set."""
-    from ..data import build_image_processor
-    from ..visualize import plot_training_curves
-
     out = Path(trainer.args.output_dir)
     trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
@@ -192,8 +202,6 @@ def _build_trainer(
 
 def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
     """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved)."""
-    from ..visualize import save_reconstruction_grid
-
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
     param = next(model.parameters())
@@ -235,12 +243,6 @@ def run_pretraining(
     extra_callbacks: list | None = None,
 ) -> dict[str, float]:
     """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
-    from ..data import (
-        PretrainCollator,
-        apply_transform,
-        build_eval_transform,
-        build_pretrain_transform,
-    )
 
     set_seed(training_args.seed)
     if model is None:
@@ -276,14 +278,6 @@ def run_finetuning(
     model_args: ModelArguments, data_args: DataArguments, training_args: MAEFinetuningArguments
 ) -> dict[str, float]:
     """Fine-tune (or linear-probe) an image classifier from a pretrained MAE/DMAE directory, or from scratch."""
-    from ..data import (
-        ClassificationCollator,
-        apply_transform,
-        build_eval_transform,
-        build_finetune_transform,
-        build_mixup,
-        get_label_names,
-    )
 
     set_seed(training_args.seed)
     overrides = parse_overrides(model_args.config_overrides)
@@ -359,10 +353,6 @@ def run_finetuning(
 
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """HfArgumentParser over flags, or over a single YAML / JSON file given as the only argument."""
-    import sys
-
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from ..data import apply_mixup
+from ..modeling_mae import default_model_card
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -182,8 +184,6 @@ class MAETrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self.mixup is not None:
-            from ..data import apply_mixup
-
             inputs = self._prepare_inputs(inputs)
             inputs["pixel_values"], inputs["labels"] = apply_mixup(
                 self.mixup, inputs["pixel_values"], inputs["labels"]
@@ -203,8 +203,6 @@ class MAETrainer(Trainer):
         nothing about MAE)."""
         if not self.is_world_process_zero():
             return
-        from ..modeling_mae import default_model_card
-
         model = self.accelerator.unwrap_model(self.model)
         recipe = {k: getattr(self.args, k) for k in RECIPE_FIELDS if hasattr(self.args, k)}
         body = default_model_card(model)
