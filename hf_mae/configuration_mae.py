@@ -45,6 +45,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 POOLING_TYPES = ("mean", "cls")
 HEAD_TYPES = ("linear", "linear_probe")
 
+# The one statement of these two settings' meaning and range; training arguments that override them use both.
+MASK_RATIO_HELP = "fraction of patches removed in pretraining, in (0, 1)"
+DROP_PATH_RATE_HELP = "stochastic depth, linearly increasing over the encoder blocks, in [0, 1)"
+
+
+def check_mask_ratio(value: float, owner: str = "MAEConfig") -> None:
+    """Raise `ValueError` unless `value` is a valid `mask_ratio` (in (0, 1)); `owner` names the dataclass."""
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{owner}.mask_ratio must be in (0, 1), got {value!r}")
+
+
+def check_drop_path_rate(value: float, owner: str = "MAEConfig") -> None:
+    """Raise `ValueError` unless `value` is a valid `drop_path_rate` (in [0, 1)); `owner` names the dataclass."""
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{owner}.drop_path_rate must be in [0, 1), got {value!r}")
+
 
 class MAEConfig(PretrainedConfig):
     r"""
@@ -65,13 +81,15 @@ class MAEConfig(PretrainedConfig):
         decoder_num_attention_heads (`int`, defaults to 16): decoder heads; must divide `decoder_hidden_size`.
         decoder_mlp_ratio (`float`, defaults to 4.0): decoder MLP ratio.
         mask_ratio (`float`, defaults to 0.75): fraction of patches removed in pretraining, in (0, 1).
+            `MAEPretrainingArguments.mask_ratio` overrides it (validated by the same `check_mask_ratio`).
         norm_pix_loss (`bool`, defaults to `False`): regress per-patch normalised pixels (mean 0, var 1).
         norm_pix_eps (`float`, defaults to 1e-6): epsilon of that normalisation (the seed used 1e-5).
-        drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the encoder blocks.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the encoder blocks, in
+            [0, 1). `MAEFinetuningArguments.drop_path_rate` sets it for fine-tuning (same `check_drop_path_rate`).
         pooling (`str`, defaults to `"mean"`): classification feature: `"mean"` (global average of the patch tokens
             followed by `fc_norm`, MAE fine-tuning) or `"cls"` (final-normed cls token, MAE linear probing).
         head_type (`str`, defaults to `"linear"`): `"linear"` or `"linear_probe"` (BatchNorm without affine +
-            Linear, the encoder frozen).
+            Linear; the linear-probe run freezes the encoder).
         initializer_range (`float`, defaults to 0.02): std of the cls and mask tokens.
         head_init_std (`float`, defaults to 2e-5): std of the fine-tuning head (MAE uses trunc-normal 2e-5).
     """
@@ -164,10 +182,8 @@ class MAEConfig(PretrainedConfig):
                 raise ValueError(
                     f"MAEConfig.{width}={getattr(self, width)} must be a multiple of 4 for 2-D sin-cos position embeddings"
                 )
-        if not 0.0 < float(self.mask_ratio) < 1.0:
-            raise ValueError(f"MAEConfig.mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
-        if not 0.0 <= float(self.drop_path_rate) < 1.0:
-            raise ValueError(f"MAEConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        check_mask_ratio(self.mask_ratio)
+        check_drop_path_rate(self.drop_path_rate)
         for name in ("mlp_ratio", "decoder_mlp_ratio", "layer_norm_eps", "norm_pix_eps"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"MAEConfig.{name} must be > 0, got {getattr(self, name)!r}")

@@ -605,7 +605,8 @@ class MAEForPreTraining(MAEPreTrainedModel):
 class MAEForImageClassification(MAEPreTrainedModel):
     """Encoder on all patches + head. `pooling="mean"`: average of patch tokens -> `fc_norm` -> head (MAE fine-tuning,
     the encoder's final norm unused and not built). `pooling="cls"`: final-normed cls token -> head.
-    `head_type="linear_probe"`: BatchNorm without affine + Linear on a frozen encoder (MAE linear probing)."""
+    `head_type="linear_probe"`: BatchNorm without affine + Linear (MAE linear probing). Freezing the encoder is the
+    linear-probe run's choice (`hf_mae.training.pipeline.freeze_for_linear_probe`), not the model's."""
 
     _allowed_missing_keys = (r"^classifier\.", r"^fc_norm\.")
     _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.", r"^projector\.")
@@ -614,7 +615,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.mae = MAEModel(config, add_final_norm=config.pooling == "cls")
-        self.mae.pos_embed.requires_grad_(config.head_type != "linear_probe")
+        self.mae.pos_embed.requires_grad_(True)  # learnable in fine-tuning, as in MAE
         self.fc_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else nn.Identity()
         )
@@ -622,8 +623,6 @@ class MAEForImageClassification(MAEPreTrainedModel):
         linear.head_init_std = 0.01 if config.head_type == "linear_probe" else config.head_init_std
         if config.head_type == "linear_probe":
             self.classifier = nn.Sequential(nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6), linear)
-            self.mae.requires_grad_(False)  # only the head learns, as in MAE's linear probing
-            self.fc_norm.requires_grad_(False)
         else:
             self.classifier = linear
         self.post_init()

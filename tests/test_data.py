@@ -273,6 +273,22 @@ def test_transform_errors_and_recipes():
     assert deit[3].transforms[1].threshold == 128 and any("ColorJitter" in type(t).__name__ for t in deit)
 
 
+def test_posterize_patch_applied_where_randaugment_is_built():
+    import subprocess
+    import sys
+
+    # importing hf_mae leaves timm alone ...
+    code = "import hf_mae.data, hf_mae.training; from timm.data import auto_augment as a; "
+    code += "assert a.NAME_TO_OP['PosterizeIncreasing'] is a.posterize"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    # ... building the `full` transform routes posterize to the 0-bit-safe version, which gives a black image
+    ops = build_finetune_transform(32, "full").transforms[2].ops
+    posterize = [op for op in ops if op.name == "PosterizeIncreasing"]
+    assert posterize and posterize[0].aug_fn(Image.new("RGB", (4, 4), "white"), 0).getextrema() == ((0, 0),) * 3
+
+
 def test_eval_transform_resize_then_crop():
     transform = build_eval_transform(64, crop_pct=0.875)
     resize, crop = transform.transforms[:2]

@@ -103,6 +103,34 @@ def _train(tmp_path, callbacks, **kwargs):
     return trainer
 
 
+def test_from_args_takes_its_data_from_the_given_loader(tmp_path):
+    calls = []
+
+    def load(image_size, seed):
+        calls.append((image_size, seed))
+        return _Labelled(12, 2), _Labelled(6, 3)
+
+    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=2, knn_k=3), data_args=None, load_datasets=load)
+    assert monitor.every_n_steps == 2 and monitor.k == 3 and not calls  # loaded at the start of training only
+    model = MAEForPreTraining(MAEConfig(**TINY))
+    assert 0 <= monitor.evaluate(model, _args(tmp_path)) <= 100
+    assert calls == [(TINY["image_size"], 5)]  # the model's image size and the run's seed
+    monitor.evaluate(model)
+    assert len(calls) == 1  # cached
+    with pytest.raises(ValueError, match="load_datasets"):
+        KNNMonitor(1)
+
+
+def test_from_args_default_loader_reads_the_data_arguments():
+    from hf_mae.training import DataArguments
+
+    data_args = DataArguments(dataset_name="digits", max_train_samples=20, max_eval_samples=10)
+    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=1), data_args)
+    memory, queries = monitor.load_datasets(24, 0)
+    assert len(memory) == 20 and len(queries) == 10
+    assert memory[0]["pixel_values"].shape == (3, 24, 24) and isinstance(queries[0]["label"], int)
+
+
 def test_callback_logs_knn_top1_and_leaves_training_unchanged(tmp_path):
     monitor = KNNMonitor(2, _Labelled(40, 2), _Labelled(20, 3), k=5, batch_size=16)
     with_knn = _train(tmp_path / "a", [monitor])

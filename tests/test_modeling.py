@@ -6,6 +6,7 @@ from helpers import tiny_config
 
 from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel
 from hf_mae.modeling_mae import get_2d_sincos_pos_embed
+from hf_mae.training.pipeline import freeze_for_linear_probe
 
 
 def reference_sincos(dim: int, grid: int) -> torch.Tensor:
@@ -57,6 +58,10 @@ def test_classifier_head_init():
     assert model.classifier.weight.std().item() < 1e-4  # trunc-normal(2e-5)
     probe = MAEForImageClassification(tiny_config(num_labels=7, head_type="linear_probe", pooling="cls"))
     assert isinstance(probe.classifier[0], torch.nn.BatchNorm1d) and not probe.classifier[0].affine
+    # the model does not decide training policy: built directly, its encoder is trainable ...
+    assert probe.mae.pos_embed.requires_grad and all(p.requires_grad for p in probe.mae.parameters())
+    # ... and the linear-probe run freezes it
+    freeze_for_linear_probe(probe)
     trainable = {n for n, p in probe.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.1.weight", "classifier.1.bias"}
 

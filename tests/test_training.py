@@ -15,11 +15,16 @@ from transformers import TrainerCallback
 
 from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining
 from hf_mae.training import (
+    DataArguments,
     MAEFinetuningArguments,
+    MAELinearProbeArguments,
     MAEPretrainingArguments,
     MAETrainer,
+    ModelArguments,
     NonFiniteLossError,
     param_groups,
+    run_finetuning,
+    run_pretraining,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +78,12 @@ def test_arguments_scale_lr_and_validate(tmp_path):
         MAEPretrainingArguments(output_dir=str(tmp_path), num_train_epochs=5, warmup_epochs=10)
     with pytest.raises(ValueError, match="layer_decay"):
         MAEFinetuningArguments(output_dir=str(tmp_path), layer_decay=1.5)
-    with pytest.raises(ValueError, match="mask_ratio"):
+    # mask_ratio and drop_path_rate are checked by the config's own validators, naming the arguments class
+    with pytest.raises(ValueError, match=r"MAEPretrainingArguments\.mask_ratio must be in \(0, 1\), got 1\.0"):
         MAEPretrainingArguments(output_dir=str(tmp_path), mask_ratio=1.0)
+    with pytest.raises(ValueError, match=r"MAEFinetuningArguments\.drop_path_rate must be in \[0, 1\), got 1\.0"):
+        MAEFinetuningArguments(output_dir=str(tmp_path), drop_path_rate=1.0)
+    assert "(0, 1)" in MAEPretrainingArguments.__dataclass_fields__["mask_ratio"].metadata["help"]
 
 
 class _Images(torch.utils.data.Dataset):
@@ -178,6 +187,37 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     _run([sys.executable, "examples/run_linear_probe.py", *args])
     config = json.loads((tmp_path / "lp" / "config.json").read_text())
     assert config["head_type"] == "linear_probe" and config["pooling"] == "cls"
+
+
+def test_linear_probe_run_leaves_the_encoder_unchanged(tmp_path):
+    pretrained = MAEForPreTraining(MAEConfig(**{**TINY, "image_size": 32, "num_labels": 10}))
+    pretrained.save_pretrained(tmp_path / "pt")
+    args = MAELinearProbeArguments(
+        output_dir=str(tmp_path / "lp"), report_to="none", disable_tqdm=True, per_device_train_batch_size=32,
+        max_steps=3, warmup_steps=1, save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32)
+    run_finetuning(ModelArguments(model_name_or_path=str(tmp_path / "pt")), data, args)
+    before, after = pretrained.state_dict(), load_file(tmp_path / "lp" / "model.safetensors")
+    encoder = [k for k in after if k.startswith("mae.")]
+    assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)
+    model = MAEForImageClassification(MAEConfig(**{**TINY, "image_size": 32, "num_labels": 10}))
+    assert all(p.requires_grad for p in model.mae.parameters())  # built directly: nothing frozen
+
+
+def test_pretraining_figure_and_card_leave_the_model_in_place(tmp_path):
+    model = MAEForPreTraining(MAEConfig(**{**TINY, "image_size": 32})).to(torch.bfloat16)
+    args = MAEPretrainingArguments(
+        output_dir=str(tmp_path), report_to="none", disable_tqdm=True, per_device_train_batch_size=16, max_steps=1,
+        warmup_steps=0, save_strategy="no", use_cpu=True, bf16=True,
+    )  # fmt: skip
+    data = DataArguments(dataset_name="digits", max_train_samples=16, max_eval_samples=4, num_reconstructions=2)
+    results = run_pretraining(ModelArguments(), data, args, model=model)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the figure did not cast the trained model
+    assert (tmp_path / "reconstructions.png").is_file()
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    card = (tmp_path / "README.md").read_text()
+    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.4f} |" in card  # via save_metrics
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

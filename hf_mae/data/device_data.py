@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .transforms import _decode
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -65,8 +67,6 @@ def decode_images(
     from datasets import Image as ImageFeature
     from PIL import Image
     from tqdm.auto import tqdm
-
-    from .transforms import _decode
 
     raw = dataset.cast_column(image_column, ImageFeature(decode=False))
     images = np.empty((len(raw), image_size, image_size, 3), dtype=np.uint8)

@@ -40,14 +40,14 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 
 
 def _patch_timm_posterize() -> None:
+    """Route timm's RandAugment posterize ops to `_posterize`; called where the RandAugment transform is built (timm
+    looks the op up when it builds the transform), so importing hf_mae changes nothing in timm."""
     from timm.data import auto_augment
 
     for name, op in list(auto_augment.NAME_TO_OP.items()):
         if op is auto_augment.posterize:
             auto_augment.NAME_TO_OP[name] = _posterize
 
-
-_patch_timm_posterize()
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -168,6 +168,7 @@ def build_finetune_transform(
                 *_to_normalized_tensor(mean, std),
             ]
         )
+    _patch_timm_posterize()
     return create_transform(
         input_size=image_size,
         is_training=True,

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from transformers import SchedulerType, TrainingArguments
 
+from ..configuration_mae import DROP_PATH_RATE_HELP, MASK_RATIO_HELP, check_drop_path_rate, check_mask_ratio
+from ..data.transforms import FINETUNE_AUGS, PRETRAIN_AUGS
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,10 +34,6 @@ def _launched_on_cpu_only() -> bool:
         return False
     accelerator = getattr(torch, "accelerator", None)
     return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
-
-
-PRETRAIN_AUGS = ("standard", "3augment", "3augment_seed")
-FINETUNE_AUGS = ("small", "full")
 
 
 @dataclass
@@ -183,7 +182,9 @@ class MAEPretrainingArguments(MAETrainingArguments):
     adam_beta2: float = field(default=0.95)
     num_train_epochs: float = field(default=800)
     warmup_epochs: float | None = field(default=40)
-    mask_ratio: float | None = field(default=None, metadata={"help": "overrides the model config's mask_ratio"})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": f"overrides MAEConfig.mask_ratio: {MASK_RATIO_HELP}"}
+    )
     pretrain_aug: str = field(
         default="standard", metadata={"help": f"pretraining augmentation, one of {', '.join(PRETRAIN_AUGS)}"}
     )
@@ -192,8 +193,8 @@ class MAEPretrainingArguments(MAETrainingArguments):
         super().__post_init__()
         if self.pretrain_aug not in PRETRAIN_AUGS:
             raise ValueError(f"pretrain_aug must be one of {PRETRAIN_AUGS}, got {self.pretrain_aug!r}")
-        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_ratio is not None:
+            check_mask_ratio(self.mask_ratio, owner=type(self).__name__)
 
 
 @dataclass
@@ -207,7 +208,9 @@ class MAEFinetuningArguments(MAETrainingArguments):
     min_learning_rate: float = field(default=1e-6)
     num_train_epochs: float = field(default=100)
     warmup_epochs: float | None = field(default=5)
-    drop_path_rate: float = field(default=0.1, metadata={"help": "stochastic depth of the encoder"})
+    drop_path_rate: float = field(
+        default=0.1, metadata={"help": f"sets MAEConfig.drop_path_rate: {DROP_PATH_RATE_HELP}"}
+    )
     finetune_aug: str = field(
         default="full", metadata={"help": "`small` (crop + flip) or `full` (RandAugment, erasing, Mixup/CutMix)"}
     )
@@ -222,7 +225,8 @@ class MAEFinetuningArguments(MAETrainingArguments):
         super().__post_init__()
         if self.finetune_aug not in FINETUNE_AUGS:
             raise ValueError(f"finetune_aug must be one of {FINETUNE_AUGS}, got {self.finetune_aug!r}")
-        for name in ("mixup", "cutmix", "label_smoothing", "random_erasing", "mixup_switch_prob", "drop_path_rate"):
+        check_drop_path_rate(self.drop_path_rate, owner=type(self).__name__)
+        for name in ("mixup", "cutmix", "label_smoothing", "random_erasing", "mixup_switch_prob"):
             value = getattr(self, name)
             upper = float("inf") if name in ("mixup", "cutmix") else 1.0  # alphas are unbounded, the rest are rates
             if not 0 <= value <= upper:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -140,11 +142,11 @@ class KNNMonitor(TrainerCallback):
     """Logs `knn_top1` (weighted k-NN top-1 in %, [`knn_top1`]) every `every_n_steps` optimizer steps of a Trainer run,
     so it lands in `state.log_history`, `log_history.json` and the curves.
 
-    The memory bank and the queries are either given (`train_dataset` / `eval_dataset`: indexable, items with
-    `pixel_values` and `label`) or loaded at the start of training from `data_args` (hf_mae's
-    `DataArguments`), with the eval transform (resize + center crop) and the model's image size; the first
-    `train_samples` / `eval_samples` of a fixed shuffle (seed `args.seed`) are kept. Pixels are transformed once
-    and cached.
+    The caller gives the memory bank and the queries: either `train_dataset` / `eval_dataset` (indexable, items with
+    `pixel_values` and `label`), or `load_datasets(image_size, seed) -> (train_dataset, eval_dataset)`, called at the
+    start of training with the model's image size and `args.seed` (the image size is the model's, known only then;
+    [`KNNMonitor.from_args`] builds one from hf_mae's `DataArguments`). The first `train_samples` / `eval_samples` are
+    kept. Pixels are transformed once and cached.
 
     Guarantees:
     - the training random stream is untouched (torch CPU and current CUDA device via `torch.random.fork_rng`, plus
@@ -165,7 +167,7 @@ class KNNMonitor(TrainerCallback):
         every_n_steps: int,
         train_dataset=None,
         eval_dataset=None,
-        data_args=None,
+        load_datasets: Callable[[int, int], tuple[Any, Any]] | None = None,
         train_samples: int = 1000,
         eval_samples: int = 500,
         k: int = 20,
@@ -177,11 +179,11 @@ class KNNMonitor(TrainerCallback):
         if feature not in KNN_FEATURES:
             raise ValueError(f"feature must be one of {KNN_FEATURES}, got {feature!r}")
         if (train_dataset is None) != (eval_dataset is None):
-            raise ValueError("give both train_dataset and eval_dataset, or neither (and data_args)")
-        if train_dataset is None and data_args is None:
-            raise ValueError("KNNMonitor needs train_dataset + eval_dataset or data_args")
+            raise ValueError("give both train_dataset and eval_dataset, or neither (and load_datasets)")
+        if train_dataset is None and load_datasets is None:
+            raise ValueError("KNNMonitor needs train_dataset + eval_dataset or load_datasets")
         self.every_n_steps = every_n_steps
-        self.train_dataset, self.eval_dataset, self.data_args = train_dataset, eval_dataset, data_args
+        self.train_dataset, self.eval_dataset, self.load_datasets = train_dataset, eval_dataset, load_datasets
         self.train_samples, self.eval_samples = train_samples, eval_samples
         self.k, self.temperature, self.feature, self.batch_size = k, temperature, feature, batch_size
         self.at_start = at_start
@@ -191,13 +193,24 @@ class KNNMonitor(TrainerCallback):
         self.history: list[tuple[int, float, float]] = []  # (step, top1, seconds)
 
     @classmethod
-    def from_args(cls, knn_args: KNNArguments, data_args) -> KNNMonitor | None:
-        """The monitor the flags ask for, or None when `knn_eval_steps` is 0."""
+    def from_args(
+        cls,
+        knn_args: KNNArguments,
+        data_args,
+        load_datasets: Callable[[int, int], tuple[Any, Any]] | None = None,
+    ) -> KNNMonitor | None:
+        """The monitor the flags ask for, or None when `knn_eval_steps` is 0. Its data: `load_datasets`, by default
+        the labelled train / validation splits that `data_args` (hf_mae's `DataArguments`) name, with the eval
+        transform ([`hf_mae.training.pipeline.knn_datasets`])."""
         if not knn_args.knn_eval_steps:
             return None
+        if load_datasets is None:
+            from .pipeline import knn_datasets  # only this flag-driven constructor needs the pipeline
+
+            load_datasets = knn_datasets(data_args)
         return cls(
             knn_args.knn_eval_steps,
-            data_args=data_args,
+            load_datasets=load_datasets,
             train_samples=knn_args.knn_train_samples,
             eval_samples=knn_args.knn_eval_samples,
             k=knn_args.knn_k,
@@ -211,16 +224,7 @@ class KNNMonitor(TrainerCallback):
     def _load(self, model, seed: int) -> None:
         train, val = self.train_dataset, self.eval_dataset
         if train is None:
-            from ..data import apply_transform, build_eval_transform
-            from .pipeline import load_data
-
-            config = _unwrap(model).config
-            ds = load_data(self.data_args, config.image_size, seed)
-            if "validation" not in ds or "label" not in ds["train"].column_names:
-                raise ValueError("the k-NN monitor needs a labelled dataset with train and validation splits")
-            transform = build_eval_transform(config.image_size, self.data_args.crop_pct)
-            train = apply_transform(ds["train"].shuffle(seed=seed), transform)
-            val = apply_transform(ds["validation"].shuffle(seed=seed), transform)
+            train, val = self.load_datasets(_unwrap(model).config.image_size, seed)
         self._cache = {
             "memory": _stack(train, list(range(min(self.train_samples, len(train))))),
             "queries": _stack(val, list(range(min(self.eval_samples, len(val))))),
@@ -317,9 +321,8 @@ class KNNMonitor(TrainerCallback):
 
 
 def _unwrap(model):
-    while hasattr(model, "module"):  # DDP / DataParallel / DeepSpeed engine
-        model = model.module
-    return model
+    """The model inside DDP / DataParallel / DeepSpeed / torch.compile wrappers (accelerate's own unwrapping)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _encoder(model):

@@ -6,17 +6,34 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
+from ..data import (
+    ClassificationCollator,
+    PretrainCollator,
+    apply_transform,
+    build_eval_transform,
+    build_finetune_transform,
+    build_image_processor,
+    build_mixup,
+    build_pretrain_transform,
+    get_label_names,
+    load_digits_dataset,
+    load_image_dataset,
+    load_tiny_imagenet,
+)
 from ..data.device_data import device_train_data
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from .arguments import MAEFinetuningArguments, MAEPretrainingArguments
+from ..visualize import plot_training_curves, save_reconstruction_grid
+from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
 logger = logging.getLogger(__name__)
@@ -91,8 +108,6 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 
 def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
     """DatasetDict {train, validation} with `image` and (when labelled) `label` columns."""
-    from ..data import load_digits_dataset, load_image_dataset, load_tiny_imagenet
-
     if data_args.train_dir or data_args.validation_dir:
         ds = load_image_dataset(
             train_dir=data_args.train_dir,
@@ -120,6 +135,23 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
     return ds
 
 
+def knn_datasets(data_args: DataArguments) -> Callable[[int, int], tuple]:
+    """For [`KNNMonitor`]: `(image_size, seed) -> (memory, queries)`, the labelled train and validation splits that
+    `data_args` name, each shuffled with `seed`, with the eval transform (resize + center crop)."""
+
+    def load(image_size: int, seed: int) -> tuple:
+        ds = load_data(data_args, image_size, seed)
+        if "validation" not in ds or "label" not in ds["train"].column_names:
+            raise ValueError("the k-NN monitor needs a labelled dataset with train and validation splits")
+        transform = build_eval_transform(image_size, data_args.crop_pct)
+        return (
+            apply_transform(ds["train"].shuffle(seed=seed), transform),
+            apply_transform(ds["validation"].shuffle(seed=seed), transform),
+        )
+
+    return load
+
+
 class _LogHistoryWriter(TrainerCallback):
     """Keep each run's `log_history` on disk as it grows, so curves survive an interrupted run."""
 
@@ -132,19 +164,65 @@ class _LogHistoryWriter(TrainerCallback):
 
 
 def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, crop_pct: float) -> None:
-    """Image processor, curves, results.json and the model card (main process), then the final save, which also
-    pushes everything in output_dir when --push_to_hub is set."""
-    from ..data import build_image_processor
-    from ..visualize import plot_training_curves
-
+    """Image processor, curves, results.json, the Trainer's metrics files and the model card built from them (main
+    process), then the final save, which also pushes everything in output_dir when --push_to_hub is set."""
     out = Path(trainer.args.output_dir)
-    trainer.results = results
+    trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
         build_image_processor(image_size, crop_pct).save_pretrained(out)
         plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         trainer.create_model_card()
     trainer.save_model()
+
+
+def _build_trainer(
+    trainer_cls: type[MAETrainer],
+    model: torch.nn.Module,
+    training_args: MAETrainingArguments,
+    train,
+    eval_ds,
+    collator,
+    extra_callbacks: list | None = None,
+    **kwargs: Any,
+) -> MAETrainer:
+    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows."""
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
+        **kwargs,
+    )
+
+
+def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
+    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = model.config
+    param = next(model.parameters())
+    n = min(num_images, len(eval_ds))
+    images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)]).to(param.device)
+    noise = torch.rand(n, config.num_patches, generator=torch.Generator().manual_seed(seed)).to(param.device)
+    was_training = model.training
+    low_precision = param.dtype != torch.float32
+    with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
+        save_reconstruction_grid(
+            model, images, Path(trainer.args.output_dir) / "reconstructions.png", noise=noise,
+            title=f"mask ratio {config.mask_ratio}",
+        )  # fmt: skip
+    model.train(was_training)
+
+
+def freeze_for_linear_probe(model: MAEForImageClassification) -> MAEForImageClassification:
+    """Only the head learns, as in MAE's linear probing: encoder and `fc_norm` get `requires_grad=False`."""
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    return model
 
 
 def build_pretraining_config(model_args: ModelArguments, training_args: MAEPretrainingArguments) -> MAEConfig:
@@ -165,13 +243,6 @@ def run_pretraining(
     extra_callbacks: list | None = None,
 ) -> dict[str, float]:
     """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
-    from ..data import (
-        PretrainCollator,
-        apply_transform,
-        build_eval_transform,
-        build_pretrain_transform,
-    )
-    from ..visualize import save_reconstruction_grid
 
     set_seed(training_args.seed)
     if model is None:
@@ -191,34 +262,13 @@ def run_pretraining(
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        callbacks=[_LogHistoryWriter(out / "log_history.json"), *(extra_callbacks or [])],
-    )
+    trainer = _build_trainer(trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
-    if trainer.is_world_process_zero():
-        if eval_ds is not None and data_args.num_reconstructions > 0:
-            n = min(data_args.num_reconstructions, len(eval_ds))
-            images = torch.stack([eval_ds[i]["pixel_values"] for i in range(n)])
-            generator = torch.Generator().manual_seed(training_args.seed)
-            noise = torch.rand(n, config.num_patches, generator=generator)
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            save_reconstruction_grid(
-                unwrapped.cpu().float(),
-                images,
-                out / "reconstructions.png",
-                noise=noise,
-                title=f"mask ratio {config.mask_ratio}",
-            )
+    if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
+        _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
     _finish(trainer, results, "pretraining", config.image_size, data_args.crop_pct)
     logger.info("pretraining results: %s", results)
     return results
@@ -228,14 +278,6 @@ def run_finetuning(
     model_args: ModelArguments, data_args: DataArguments, training_args: MAEFinetuningArguments
 ) -> dict[str, float]:
     """Fine-tune (or linear-probe) an image classifier from a pretrained MAE/DMAE directory, or from scratch."""
-    from ..data import (
-        ClassificationCollator,
-        apply_transform,
-        build_eval_transform,
-        build_finetune_transform,
-        build_mixup,
-        get_label_names,
-    )
 
     set_seed(training_args.seed)
     overrides = parse_overrides(model_args.config_overrides)
@@ -263,6 +305,8 @@ def run_finetuning(
         model = MAEForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
     else:
         model = MAEForImageClassification(config)
+    if probe:
+        freeze_for_linear_probe(model)
     aug = "small" if probe else training_args.finetune_aug
     if data_args.device_data:
         train, collator = device_train_data(ds["train"], config.image_size, training_args, aug, with_labels=True)
@@ -280,17 +324,15 @@ def run_finetuning(
         label_smoothing=training_args.label_smoothing,
         switch_prob=training_args.mixup_switch_prob,
     )
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = MAETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=eval_ds,
-        data_collator=collator,
+    trainer = _build_trainer(
+        MAETrainer,
+        model,
+        training_args,
+        train,
+        eval_ds,
+        collator,
         compute_metrics=build_compute_metrics(k=min(5, len(names))),
         preprocess_logits_for_metrics=topk_predictions,
-        callbacks=[_LogHistoryWriter(out / "log_history.json")],
         mixup=mixup,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -311,10 +353,6 @@ def run_finetuning(
 
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """HfArgumentParser over flags, or over a single YAML / JSON file given as the only argument."""
-    import sys
-
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means the newest complete checkpoint
         if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):

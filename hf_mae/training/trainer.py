@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from ..data import apply_mixup
+from ..modeling_mae import default_model_card
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -221,7 +223,6 @@ class MAETrainer(Trainer):
     def __init__(self, *args, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
-        self.results: dict = {}  # final metrics, shown in the model card
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
@@ -383,8 +384,6 @@ class MAETrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self.mixup is not None:
-            from ..data import apply_mixup
-
             inputs = self._prepare_inputs(inputs)
             inputs["pixel_values"], inputs["labels"] = apply_mixup(
                 self.mixup, inputs["pixel_values"], inputs["labels"]
@@ -399,21 +398,22 @@ class MAETrainer(Trainer):
         return torch.where(finite, loss, torch.zeros_like(loss))
 
     def create_model_card(self, **kwargs) -> None:
-        """Write README.md in output_dir: architecture, the recipe actually used and `self.results`. Also what
-        `push_to_hub` uploads (transformers' generic card knows nothing about MAE)."""
+        """Write README.md in output_dir: architecture, the recipe actually used and the metrics saved with
+        `save_metrics` (output_dir/all_results.json). Also what `push_to_hub` uploads (transformers' generic card knows
+        nothing about MAE)."""
         if not self.is_world_process_zero():
             return
-        from ..modeling_mae import default_model_card
-
         model = self.accelerator.unwrap_model(self.model)
         recipe = {k: getattr(self.args, k) for k in RECIPE_FIELDS if hasattr(self.args, k)}
         body = default_model_card(model)
         body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n"
         body += "".join(f"| {k} | {v} |\n" for k, v in recipe.items())
-        if self.results:
+        saved = Path(self.args.output_dir) / "all_results.json"
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        if results:
             body += "\n## Results\n\n| metric | value |\n|---|---|\n"
             body += "".join(
-                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in self.results.items()
+                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in results.items()
             )
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "README.md").write_text(body, encoding="utf-8")
