@@ -192,6 +192,17 @@ class MAEConfig(PretrainedConfig):
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"MAEConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # `from_pretrained(path, **overrides)` sets the overrides after __init__'s checks: check them too
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate_architecture()
+        return result
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        super().update(config_dict)
+        self.validate_architecture()
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2

@@ -184,3 +184,37 @@ def test_bare_resume_flag_means_latest(tmp_path):
     args = parse_args(types, ["--resume_from_checkpoint", *base])[2]
     assert args.resume_from_checkpoint == "latest" and args.output_dir == str(tmp_path)
     assert parse_args(types, base)[2].resume_from_checkpoint is None
+
+
+def test_config_overrides_on_a_saved_model_are_validated(tmp_path):
+    MAEForPreTraining(MAEConfig(**TINY)).save_pretrained(tmp_path / "pt")
+    for overrides, field in (({"mask_ratio": 1.5}, "mask_ratio"), ({"pooling": "max"}, "pooling"),
+                             ({"num_attention_heads": 5}, "num_attention_heads")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"MAEConfig.{field}"):
+            MAEConfig.from_pretrained(tmp_path / "pt", **overrides)
+        with pytest.raises(ValueError, match=f"MAEConfig.{field}"):
+            MAEConfig(**TINY).update(overrides)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_steps: three\n", r"max_steps must be an integer, got 'three'"),
+        ("bf16: 'maybe'\n", r"bf16 must be true or false, got 'maybe'"),
+        ("learning_rate: fast\n", r"learning_rate must be a number, got 'fast'"),
+        ("- output_dir\n- x\n", r"expected a mapping .* got list"),
+        ("42\n", r"expected a mapping .* got int"),
+    ],
+)
+def test_bad_yaml_values_name_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"output_dir: {tmp_path}\n" + text if text[0].isalpha() else text)
+    with pytest.raises(ValueError, match=message):
+        parse_args((ModelArguments, DataArguments, MAEPretrainingArguments), [str(path)])
+
+
+def test_yaml_strings_take_their_field_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"output_dir: {tmp_path}\nreport_to: none\nmax_steps: '7'\nbf16: 'no'\nmask_ratio: '0.6'\n")
+    _, _, args = parse_args((ModelArguments, DataArguments, MAEPretrainingArguments), [str(path)])
+    assert args.max_steps == 7 and args.bf16 is False and args.mask_ratio == 0.6

@@ -7,12 +7,14 @@ import json
 import logging
 import math
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
@@ -359,8 +361,48 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
             argv.insert(i + 1, "latest")
             break
     parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(Path(argv[0]).resolve())
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(Path(argv[0]).resolve())
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(argv[0]).resolve()
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: cannot be read as YAML / JSON: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+        return parser.parse_dict(check_file_values(values, dataclass_types, path))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def check_file_values(values: dict[str, Any], dataclass_types: tuple, origin: str | Path) -> dict[str, Any]:
+    """The values of a YAML / JSON argument file with the types their fields declare, as the command line would
+    parse them (`"3"` -> 3, `"yes"` -> True); a value of another type is a ValueError naming the key and the value."""
+    hints: dict[str, Any] = {}
+    for dtype in dataclass_types:
+        hints.update(typing.get_type_hints(dtype))
+    checked = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        checked[key] = value
+        if value is None:
+            if not optional and base in (bool, int, float):
+                raise ValueError(f"{origin}: {key} must be a {base.__name__}, got null")
+        elif base is bool:
+            text = str(value).strip().lower() if not isinstance(value, bool) else None
+            if text is not None and text not in _TRUE + _FALSE:
+                raise ValueError(f"{origin}: {key} must be true or false, got {value!r}")
+            checked[key] = value if text is None else text in _TRUE
+        elif base in (int, float) or (isinstance(base, type) and issubclass(base, float)):
+            try:
+                if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                checked[key] = int(str(value)) if base is int and isinstance(value, str) else base(value)
+            except (TypeError, ValueError):
+                kind = "an integer" if base is int else "a number"
+                raise ValueError(f"{origin}: {key} must be {kind}, got {value!r}") from None
+    return checked
