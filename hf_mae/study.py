@@ -278,11 +278,14 @@ def is_finished(run: Run) -> bool:
 
 
 def last_checkpoint(run: Run) -> str | None:
-    """The newest `checkpoint-<step>` folder of an interrupted run, or None."""
+    """The newest complete `checkpoint-<step>` folder of an interrupted run (half-written ones are skipped and
+    named in the log), or None."""
+    from .training.trainer import newest_complete_checkpoint
+
     if not run.output_dir.is_dir():
         return None
-    steps = [(int(p.name.split("-")[1]), p) for p in run.output_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
-    return str(max(steps)[1]) if steps else None
+    checkpoint = newest_complete_checkpoint(run.output_dir)
+    return None if checkpoint is None else str(checkpoint)
 
 
 def prepared_command(study: Study, run: Run) -> tuple[list[str], str]:
@@ -293,6 +296,12 @@ def prepared_command(study: Study, run: Run) -> tuple[list[str], str]:
     if checkpoint:
         resumed = Run(**{**run.__dict__, "args": {**run.args, "resume_from_checkpoint": checkpoint}})
         return resumed.command(study.launcher), f"resume from {Path(checkpoint).name}"
+    from .training.trainer import RUN_FILES
+
+    if any((run.output_dir / name).exists() for name in RUN_FILES):
+        # an unfinished run that left a model but nothing to resume from starts again: the study says so explicitly
+        restarted = Run(**{**run.__dict__, "args": {**run.args, "overwrite_output_dir": True}})
+        return restarted.command(study.launcher), "restart"
     return run.command(study.launcher), "run"
 
 

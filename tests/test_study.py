@@ -3,10 +3,12 @@ mini-grid (1 pretraining + 1 fine-tuning on digits) end to end."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers.training_args
 from transformers import HfArgumentParser
 
@@ -258,6 +260,15 @@ def _mini_study(tmp_path, all_args="{}", evaluate="small, full", keep=None):
     return study
 
 
+def _complete_checkpoint(path: Path, step: int) -> None:
+    """What the Trainer leaves when a save completes: weights, then trainer_state.json last."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"w": torch.zeros(1)}, str(path / "model.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
 class FakeRuns:
     """Executor that pretends to train: writes results.json (+ a log history), or fails / crashes as told."""
 
@@ -269,9 +280,9 @@ class FakeRuns:
         out = Path(command[command.index("--output_dir") + 1])
         name = out.name
         out.mkdir(parents=True, exist_ok=True)
-        if name in self.crash:  # killed after its first checkpoint
-            (out / "checkpoint-2").mkdir()
-            (out / "checkpoint-10").mkdir()
+        if name in self.crash:  # killed after its first checkpoints
+            for step in (2, 10):
+                _complete_checkpoint(out / f"checkpoint-{step}", step)
             return -9
         if name in self.fail:
             log_path.write_text("Traceback ...\nNonFiniteLossError: 10 steps in a row had a non-finite loss\n")
@@ -404,3 +415,21 @@ def test_real_mini_grid_end_to_end(tmp_path, monkeypatch):
     fake = FakeRuns()
     run_study(study, executor=fake)
     assert fake.commands == []
+
+
+def test_half_written_checkpoint_is_skipped_and_a_bare_rerun_restarts_explicitly(tmp_path):
+    study = _mini_study(tmp_path, keep={"mae_a"})
+    run_study(study, executor=FakeRuns(crash={"mae_a"}))
+    (study.output_root / "mae_a" / "checkpoint-12").mkdir()  # killed while saving: no trainer_state.json
+    assert "state=resume from checkpoint-10" in format_plan(study)
+    for step in (2, 10, 12):
+        shutil.rmtree(study.output_root / "mae_a" / f"checkpoint-{step}")
+    assert "state=run" in format_plan(study)  # no checkpoint, no model: a plain new start
+    # it left a model (killed in the final evaluation) but nothing to resume from: the study restarts the run and
+    # says so with --overwrite_output_dir
+    (study.output_root / "mae_a" / "model.safetensors").write_bytes(b"")
+    assert "state=restart" in format_plan(study)
+    fake = FakeRuns()
+    run_study(study, executor=fake)
+    (command,) = fake.commands
+    assert "--overwrite_output_dir" in command and "--resume_from_checkpoint" not in command
