@@ -71,8 +71,8 @@ def newest_finite_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest `checkpoint-<step>` in `output_dir` whose saved weights are all finite, or None."""
     from safetensors import safe_open
 
-    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()]
-    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name[11:]), reverse=True):
+    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) is not None]
+    for checkpoint in sorted(checkpoints, key=checkpoint_step, reverse=True):
         files = sorted(checkpoint.glob("*.safetensors"))
         try:
             finite = bool(files)
