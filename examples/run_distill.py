@@ -23,6 +23,7 @@ from hf_mae.training import (
     ModelArguments,
     parse_args,
     run_distillation,
+    run_main,
 )
 
 
@@ -36,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # errors a user can act on: one message, exit code 1

@@ -13,7 +13,7 @@
 
 import logging
 
-from hf_mae.training import DataArguments, MAEFinetuningArguments, ModelArguments, parse_args, run_finetuning
+from hf_mae.training import DataArguments, MAEFinetuningArguments, ModelArguments, parse_args, run_finetuning, run_main
 
 
 def main(argv=None):
@@ -23,4 +23,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # errors a user can act on: one message, exit code 1

@@ -8,7 +8,14 @@ head, LARS, blr 0.1, weight decay 0, 90 epochs with 10 warm-up, crop + flip only
 
 import logging
 
-from hf_mae.training import DataArguments, MAELinearProbeArguments, ModelArguments, parse_args, run_finetuning
+from hf_mae.training import (
+    DataArguments,
+    MAELinearProbeArguments,
+    ModelArguments,
+    parse_args,
+    run_finetuning,
+    run_main,
+)
 
 
 def main(argv=None):
@@ -18,4 +25,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # errors a user can act on: one message, exit code 1

@@ -23,6 +23,7 @@ from hf_mae.training import (
     MAEPretrainingArguments,
     ModelArguments,
     parse_args,
+    run_main,
     run_pretraining,
 )
 
@@ -37,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # errors a user can act on: one message, exit code 1

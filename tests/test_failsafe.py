@@ -218,3 +218,23 @@ def test_yaml_strings_take_their_field_types(tmp_path):
     path.write_text(f"output_dir: {tmp_path}\nreport_to: none\nmax_steps: '7'\nbf16: 'no'\nmask_ratio: '0.6'\n")
     _, _, args = parse_args((ModelArguments, DataArguments, MAEPretrainingArguments), [str(path)])
     assert args.max_steps == 7 and args.bf16 is False and args.mask_ratio == 0.6
+
+
+def test_example_rerun_into_a_finished_run_stops_with_a_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    command = [sys.executable, "examples/run_pretrain.py", "--dataset_name", "digits", "--preset", "demo-tiny-32",
+               "--output_dir", str(tmp_path), "--report_to", "none", "--max_steps", "1", "--max_train_samples", "32",
+               "--per_device_train_batch_size", "16", "--warmup_steps", "0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "OutputDirExistsError" in result.stderr and "--overwrite_output_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"

@@ -9,7 +9,7 @@ from .arguments import (
 from .dmae import DMAETrainer, DMAETrainingArguments, run_distillation
 from .knn import KNNArguments, KNNMonitor, knn_top1
 from .optim import param_groups
-from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_pretraining
+from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_main, run_pretraining
 from .trainer import (
     MAETrainer,
     NonFiniteLossError,
@@ -40,6 +40,7 @@ __all__ = [
     "parse_args",
     "run_distillation",
     "run_finetuning",
+    "run_main",
     "run_pretraining",
     "topk_predictions",
 ]

@@ -406,3 +406,17 @@ def check_file_values(values: dict[str, Any], dataclass_types: tuple, origin: st
                 kind = "an integer" if base is int else "a number"
                 raise ValueError(f"{origin}: {key} must be {kind}, got {value!r}") from None
     return checked
+
+
+def run_main(main: Callable[[], Any]) -> int:
+    """Run an entry point's `main()`; an error the user can act on (a bad value, a file, a run that stopped on
+    non-finite values) is logged as one message and gives exit code 1 instead of a traceback."""
+    from .trainer import NonFiniteLossError, NonFiniteWeightsError
+
+    try:
+        main()
+    except (ValueError, OSError, NonFiniteLossError, NonFiniteWeightsError) as error:
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        logger.error("%s: %s", type(error).__name__, error)
+        return 1
+    return 0
