@@ -187,7 +187,12 @@ def load_checkpoint_file(path: PathLike) -> tuple[StateDict, argparse.Namespace 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _unwrap_state_dict(load_file(str(path)), str(path))
+        try:
+            return _unwrap_state_dict(load_file(str(path)), str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError for a truncated / corrupt file
+            if isinstance(error, ValueError) and str(path) in str(error):
+                raise
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -196,6 +201,8 @@ def load_checkpoint_file(path: PathLike) -> tuple[StateDict, argparse.Namespace 
             f"{path} holds objects that torch.load(weights_only=True) refuses to unpickle; only tensors, containers "
             f"and argparse.Namespace are accepted. Re-save the state dict alone. ({error})"
         ) from error
+    except (RuntimeError, EOFError, OSError) as error:  # a truncated zip archive or pickle
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}") from error
     return _unwrap_state_dict(obj, str(path))
 
 

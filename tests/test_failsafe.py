@@ -238,3 +238,20 @@ def test_example_rerun_into_a_finished_run_stops_with_a_message(tmp_path):
     assert "OutputDirExistsError" in result.stderr and "--overwrite_output_dir" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_truncated_checkpoint_file_names_the_file(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    from hf_mae.convert import load_checkpoint_file, load_teacher_encoder, to_timm_state_dict
+
+    state = to_timm_state_dict(MAEForPreTraining(MAEConfig(**TINY)))
+    path = tmp_path / f"vit{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{path}.*truncated or corrupt"):
+        load_checkpoint_file(path)
+    with pytest.raises(ValueError, match=rf"{path}.*truncated or corrupt"):
+        load_teacher_encoder(path, kind="timm")
