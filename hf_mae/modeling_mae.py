@@ -272,6 +272,13 @@ class MAEPreTrainedModel(PreTrainedModel):
         token = _STRICT_LOADING.set((strict, str(pretrained_model_name_or_path)))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own type for a truncated / corrupt file
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: a *.safetensors weights file is truncated or corrupt ({error}); "
+                "re-download or re-save it"
+            ) from error
         finally:
             _STRICT_LOADING.reset(token)
 

@@ -255,3 +255,11 @@ def test_truncated_checkpoint_file_names_the_file(tmp_path, suffix):
         load_checkpoint_file(path)
     with pytest.raises(ValueError, match=rf"{path}.*truncated or corrupt"):
         load_teacher_encoder(path, kind="timm")
+
+
+def test_from_pretrained_with_truncated_weights_names_the_directory(tmp_path):
+    MAEForPreTraining(MAEConfig(**TINY)).save_pretrained(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{tmp_path}: a \*\.safetensors weights file is truncated or corrupt"):
+        MAEForPreTraining.from_pretrained(tmp_path)
