@@ -13,27 +13,12 @@
     python examples/run_finetune.py examples/configs/finetune_after_distill_official.yaml
 """
 
-import logging
-
-from hf_mae.training import (
-    DataArguments,
-    DMAETrainingArguments,
-    KNNArguments,
-    KNNMonitor,
-    ModelArguments,
-    parse_args,
-    run_distillation,
-    run_main,
-)
+from hf_mae.cli import distill
+from hf_mae.training import run_main
 
 
 def main(argv=None):
-    model_args, data_args, training_args, knn_args = parse_args(
-        (ModelArguments, DataArguments, DMAETrainingArguments, KNNArguments), argv
-    )
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    monitor = KNNMonitor.from_args(knn_args, data_args)  # --knn_eval_steps N logs k-NN top-1 every N steps
-    return run_distillation(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
+    return distill(argv)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml examples/run_finetune.py ...
 """
 
-import logging
-
-from hf_mae.training import DataArguments, MAEFinetuningArguments, ModelArguments, parse_args, run_finetuning, run_main
+from hf_mae.cli import finetune
+from hf_mae.training import run_main
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, MAEFinetuningArguments), argv)
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    return run_finetuning(model_args, data_args, training_args)
+    return finetune(argv)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,12 @@ head, LARS, blr 0.1, weight decay 0, 90 epochs with 10 warm-up, crop + flip only
     python examples/run_linear_probe.py --model_name_or_path outputs/pt --dataset_name digits --output_dir outputs/lp
 """
 
-import logging
-
-from hf_mae.training import (
-    DataArguments,
-    MAELinearProbeArguments,
-    ModelArguments,
-    parse_args,
-    run_finetuning,
-    run_main,
-)
+from hf_mae.cli import linear_probe
+from hf_mae.training import run_main
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, MAELinearProbeArguments), argv)
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    return run_finetuning(model_args, data_args, training_args)
+    return linear_probe(argv)
 
 
 if __name__ == "__main__":

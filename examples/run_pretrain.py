@@ -14,27 +14,12 @@
     python examples/run_pretrain.py --dataset_name zh-plus/tiny-imagenet --output_dir outputs/pt ...
 """
 
-import logging
-
-from hf_mae.training import (
-    DataArguments,
-    KNNArguments,
-    KNNMonitor,
-    MAEPretrainingArguments,
-    ModelArguments,
-    parse_args,
-    run_main,
-    run_pretraining,
-)
+from hf_mae.cli import pretrain
+from hf_mae.training import run_main
 
 
 def main(argv=None):
-    model_args, data_args, training_args, knn_args = parse_args(
-        (ModelArguments, DataArguments, MAEPretrainingArguments, KNNArguments), argv
-    )
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    monitor = KNNMonitor.from_args(knn_args, data_args)  # --knn_eval_steps N logs k-NN top-1 every N steps
-    return run_pretraining(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
+    return pretrain(argv)
 
 
 if __name__ == "__main__":

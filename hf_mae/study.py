@@ -416,39 +416,12 @@ def run_study(
 # The worker: one run, in this process (what every study subprocess executes)
 # ----------------------------------------------------------------------------------------------------------------------
 def run_one(kind: str, argv: list[str]) -> dict[str, float]:
-    """Parse `argv` as the example script of `kind` does and run it: `pretrain` and `distill` also take the flags of
-    [`~hf_mae.training.knn.KNNArguments`] and pass the monitor to the run as an extra callback."""
-    from .training import (
-        DataArguments,
-        MAEFinetuningArguments,
-        MAELinearProbeArguments,
-        MAEPretrainingArguments,
-        ModelArguments,
-        parse_args,
-        run_finetuning,
-        run_pretraining,
-    )
-    from .training.knn import KNNArguments, KNNMonitor
+    """Run one study run of `kind` in this process: the same code as the example script of `kind`."""
+    from .cli import run_command
 
     if kind not in RUN_KINDS:
         raise ValueError(f"run kind must be one of {RUN_KINDS}, got {kind!r}")
-    if kind in ("finetune", "linear_probe"):
-        arguments = MAEFinetuningArguments if kind == "finetune" else MAELinearProbeArguments
-        model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, arguments), argv)
-        logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-        return run_finetuning(model_args, data_args, training_args)
-    if kind == "distill":  # imported here: the study works without DMAE installed
-        from .training.dmae import DMAETrainingArguments, run_distillation
-
-        arguments, run = DMAETrainingArguments, run_distillation
-    else:
-        arguments, run = MAEPretrainingArguments, run_pretraining
-    model_args, data_args, training_args, knn_args = parse_args(
-        (ModelArguments, DataArguments, arguments, KNNArguments), argv
-    )
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    monitor = KNNMonitor.from_args(knn_args, data_args)
-    return run(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
+    return run_command(kind, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
