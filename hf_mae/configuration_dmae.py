@@ -22,7 +22,7 @@ class DMAEConfig(MAEConfig):
     is attached, so a saved config rebuilds the projector without loading the teacher.
 
     Args:
-        teacher_path (`str`, *optional*): the teacher checkpoint, anything `hf_mae.convert.load_teacher_encoder` reads
+        teacher_path (`str`, *optional*): the teacher checkpoint, anything `hf_mae.convert.load_encoder` reads
             (an hf_mae / transformers directory, an official / timm / hf_mae weights file).
         teacher_kind (`str`, defaults to `"auto"`): `"auto"`, `"hf_mae"`, `"transformers"`, `"official"` or `"timm"`.
         student_layer (`int`, *optional*): the student block whose output is distilled, 1-indexed (an index into

@@ -56,7 +56,7 @@ PathLike = str | os.PathLike
 
 SOURCES = ("official", "transformers", "timm")
 TARGETS = ("transformers", "timm", "official")
-TEACHER_KINDS = ("auto", "hf_mae", "transformers", "official", "timm")
+CHECKPOINT_KINDS = ("auto", "hf_mae", "transformers", "official", "timm")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 # Attention heads cannot be read from the weights. ViT-Ti/S/B/L/H use these; other widths get 64-wide heads.
@@ -884,21 +884,21 @@ def _kind_of_state_dict(sd: Mapping[str, torch.Tensor], origin: str) -> str:
     raise ValueError(f"{origin}: unknown checkpoint layout, keys: {_list_keys(keys)}")
 
 
-def load_teacher_encoder(
+def load_encoder(
     path_or_dir: PathLike,
     kind: str = "auto",
     *,
-    freeze: bool = True,
+    freeze: bool = False,
     preset: str | None = None,
     **config_overrides: Any,
 ) -> MAEModel:
-    """Load the encoder of any supported MAE / ViT checkpoint as an hf_mae `MAEModel` (e.g. a DMAE teacher).
+    """Load the encoder of any supported MAE / ViT checkpoint as an hf_mae `MAEModel` (a DMAE teacher, features).
 
     Args:
         path_or_dir: an hf_mae or transformers `save_pretrained` directory, or an official / timm / hf_mae weights
             file (`.pth`, `.pt`, `.bin`, `.safetensors`).
         kind: "auto" (see [`detect_checkpoint_kind`]), "hf_mae", "transformers", "official" or "timm".
-        freeze: put the encoder in eval mode with `requires_grad=False`, as a teacher is used.
+        freeze: put the encoder in eval mode with `requires_grad=False` (as a teacher is used).
         preset, config_overrides: as for [`convert_official_checkpoint`]; `image_size` interpolates the position
             embeddings for every kind.
 
@@ -906,8 +906,8 @@ def load_teacher_encoder(
         The `MAEModel`. For a mean-pooling classifier checkpoint it has no final norm (the fine-tuned encoder has
         none); block outputs (`output_hidden_states`) are unaffected.
     """
-    if kind not in TEACHER_KINDS:
-        raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {kind!r}")
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
     path = Path(path_or_dir)
     if kind == "auto":
         kind = detect_checkpoint_kind(path)

@@ -62,7 +62,7 @@ class DMAEForPreTrainingOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 def load_teacher(config: DMAEConfig) -> MAEModel:
     """Load `config.teacher_path` as a frozen `MAEModel`; any failure is a `ValueError` naming the path."""
-    from .convert import load_teacher_encoder
+    from .convert import load_encoder
 
     if not config.teacher_path:
         raise ValueError("DMAEConfig.teacher_path is not set: pass teacher= / set_teacher(), or set teacher_path")
@@ -71,7 +71,7 @@ def load_teacher(config: DMAEConfig) -> MAEModel:
         # a DMAE student as the teacher (a chain of distillations): its encoder; its own teacher is not loaded
         return DMAEForPreTraining.from_pretrained(path).mae.eval().requires_grad_(False)
     try:
-        return load_teacher_encoder(path, kind=config.teacher_kind)
+        return load_encoder(path, kind=config.teacher_kind, freeze=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"DMAEConfig.teacher_path={config.teacher_path!r} (teacher_kind={config.teacher_kind!r}) cannot be loaded "
@@ -113,7 +113,7 @@ def prepare_teacher(teacher: MAEModel, config: DMAEConfig) -> MAEModel:
     The blocks beyond `teacher_layer` are released (ViT-L to block 18 drops a quarter of its weights).
     """
     if not isinstance(teacher, MAEModel):
-        raise TypeError(f"the teacher must be an hf_mae MAEModel (see load_teacher_encoder), got {type(teacher)}")
+        raise TypeError(f"the teacher must be an hf_mae MAEModel (see load_encoder), got {type(teacher)}")
     # what the teacher was before any earlier preparation (the same teacher may serve several students)
     native = getattr(teacher, "_dmae_native", None) or {
         "num_hidden_layers": teacher.config.num_hidden_layers,
@@ -164,7 +164,7 @@ class DMAEForPreTraining(MAEForPreTraining):
 
     Args:
         config: the student's MAE fields plus the distillation spec.
-        teacher: an `MAEModel` (e.g. from `hf_mae.convert.load_teacher_encoder`); it is cut to `teacher_layer`
+        teacher: an `MAEModel` (e.g. from `hf_mae.convert.load_encoder`); it is cut to `teacher_layer`
             blocks in place. Without it the teacher is loaded from `config.teacher_path` when first needed.
     """
 

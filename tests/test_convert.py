@@ -30,7 +30,7 @@ from hf_mae.convert import (  # noqa: E402
     convert_timm_state_dict,
     convert_transformers_model,
     load_checkpoint_file,
-    load_teacher_encoder,
+    load_encoder,
     main,
     to_official_state_dict,
     to_timm_state_dict,
@@ -396,9 +396,9 @@ def test_hf_mae_strict_from_pretrained_rejects_unexpected_keys(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# load_teacher_encoder
+# load_encoder
 # ----------------------------------------------------------------------------------------------------------------------
-def test_load_teacher_encoder_detects_every_kind(tmp_path, hf_mae_dir):
+def test_load_encoder_detects_every_kind(tmp_path, hf_mae_dir):
     directory, model = hf_mae_dir
     torch.save({"model": to_official_state_dict(model)}, tmp_path / "official.pth")
     save_file(to_timm_state_dict(model), tmp_path / "timm.safetensors")
@@ -415,7 +415,7 @@ def test_load_teacher_encoder_detects_every_kind(tmp_path, hf_mae_dir):
         (tmp_path / "timm.safetensors", heads),
         (tmp_path / "hf_mae.safetensors", heads),
     ]:
-        teacher = load_teacher_encoder(source, **overrides)
+        teacher = load_encoder(source, freeze=True, **overrides)
         assert isinstance(teacher, MAEModel) and not teacher.training, source
         assert not any(p.requires_grad for p in teacher.parameters()), source
         with torch.no_grad():
@@ -423,7 +423,7 @@ def test_load_teacher_encoder_detects_every_kind(tmp_path, hf_mae_dir):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=str(source))
     # the DMAE teacher at another resolution: every kind interpolates its position table
     for source in (directory, tmp_path / "vitmae", tmp_path / "official.pth"):
-        teacher = load_teacher_encoder(source, image_size=16, **({} if source != tmp_path / "official.pth" else heads))
+        teacher = load_encoder(source, image_size=16, **({} if source != tmp_path / "official.pth" else heads))
         assert teacher.pos_embed.shape == (1, 17, 32) and teacher.config.image_size == 16
     with pytest.raises(ValueError, match="override sets num_attention_heads=8"):
-        load_teacher_encoder(directory, num_attention_heads=8)
+        load_encoder(directory, num_attention_heads=8)

@@ -244,7 +244,7 @@ def test_example_rerun_into_a_finished_run_stops_with_a_message(tmp_path):
 def test_truncated_checkpoint_file_names_the_file(tmp_path, suffix):
     from safetensors.torch import save_file
 
-    from hf_mae.convert import load_checkpoint_file, load_teacher_encoder, to_timm_state_dict
+    from hf_mae.convert import load_checkpoint_file, load_encoder, to_timm_state_dict
 
     state = to_timm_state_dict(MAEForPreTraining(MAEConfig(**TINY)))
     path = tmp_path / f"vit{suffix}"
@@ -254,7 +254,7 @@ def test_truncated_checkpoint_file_names_the_file(tmp_path, suffix):
     with pytest.raises(ValueError, match=rf"{path}.*truncated or corrupt"):
         load_checkpoint_file(path)
     with pytest.raises(ValueError, match=rf"{path}.*truncated or corrupt"):
-        load_teacher_encoder(path, kind="timm")
+        load_encoder(path, kind="timm")
 
 
 def test_from_pretrained_with_truncated_weights_names_the_directory(tmp_path):
