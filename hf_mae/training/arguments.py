@@ -185,6 +185,13 @@ class MAEPretrainingArguments(MAETrainingArguments):
     mask_ratio: float | None = field(
         default=None, metadata={"help": f"overrides MAEConfig.mask_ratio: {MASK_RATIO_HELP}"}
     )
+    norm_pix_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "overrides MAEConfig.norm_pix_loss: regress per-patch normalised pixels (--norm_pix_loss) or raw "
+            "ones (--no_norm_pix_loss); default: the preset's or checkpoint's"
+        },
+    )
     pretrain_aug: str = field(
         default="standard", metadata={"help": f"pretraining augmentation, one of {', '.join(PRETRAIN_AUGS)}"}
     )

@@ -18,7 +18,7 @@ from transformers import set_seed
 from ..configuration_dmae import DISTILL_LOSSES, PROJECTOR_TYPES, TEACHER_KINDS, TEACHER_POS_EMBED, DMAEConfig
 from ..modeling_dmae import DMAEForPreTraining, load_teacher, prepare_teacher
 from .arguments import FloatOrNone, MAEPretrainingArguments
-from .pipeline import DataArguments, ModelArguments, parse_overrides, run_pretraining
+from .pipeline import DataArguments, ModelArguments, load_config, pretraining_overrides, run_pretraining
 from .trainer import MAETrainer
 
 logger = logging.getLogger(__name__)
@@ -182,15 +182,11 @@ class DMAETrainer(MAETrainer):
 def build_distillation_config(model_args: ModelArguments, training_args: DMAETrainingArguments) -> DMAEConfig:
     """Student config from `model_name_or_path` (an MAE or DMAE directory) or the preset, with the MAE overrides of
     `config_overrides` / `mask_ratio` and the distillation overrides of the training arguments."""
-    overrides = parse_overrides(model_args.config_overrides)
-    if training_args.mask_ratio is not None:
-        overrides["mask_ratio"] = training_args.mask_ratio
+    overrides = pretraining_overrides(model_args, training_args)
     overrides.update(training_args.distillation_overrides())
-    if model_args.model_name_or_path:
-        config = DMAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
-        config.validate_architecture()  # from_pretrained sets keyword overrides after __init__'s checks
-        return config
-    return DMAEConfig.from_preset(model_args.preset, **overrides)
+    config = load_config(DMAEConfig, model_args, overrides)
+    config.validate_architecture()  # from_pretrained sets keyword overrides after __init__'s checks
+    return config
 
 
 def build_distillation_model(model_args: ModelArguments, training_args: DMAETrainingArguments) -> DMAEForPreTraining:
@@ -201,7 +197,9 @@ def build_distillation_model(model_args: ModelArguments, training_args: DMAETrai
         raise ValueError("DMAE needs a teacher: set --teacher_path (or teacher_path in the model's config)")
     teacher = prepare_teacher(load_teacher(config), config)  # fills the teacher fields the projector needs
     if model_args.model_name_or_path:
-        model = DMAEForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+        model = DMAEForPreTraining.from_pretrained(
+            model_args.model_name_or_path, config=config, **model_args.hub_kwargs()
+        )
         model.set_teacher(teacher)
     else:
         model = DMAEForPreTraining(config, teacher=teacher)
