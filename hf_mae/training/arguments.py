@@ -226,10 +226,19 @@ class MAEFinetuningArguments(MAETrainingArguments):
     mixup_switch_prob: float = field(default=0.5)
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (full aug only)"})
     random_erasing: float = field(default=0.25, metadata={"help": "random erasing probability (full aug only)"})
-    linear_probe: bool = field(default=False, metadata={"help": "frozen encoder, BatchNorm + Linear head"})
+    linear_probe: bool = field(
+        default=False,
+        metadata={"help": "frozen encoder, BatchNorm + Linear head; implies finetune_aug small and drop_path_rate 0"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.linear_probe and (self.finetune_aug, self.drop_path_rate) != ("small", 0.0):
+            # the official linear probe: crop + flip only, no stochastic depth in the frozen encoder; set here so that
+            # what the run uses is what the arguments (and the model card) say
+            logger.info("linear_probe: finetune_aug small and drop_path_rate 0 (were %s, %s)", self.finetune_aug,
+                        self.drop_path_rate)  # fmt: skip
+            self.finetune_aug, self.drop_path_rate = "small", 0.0
         if self.finetune_aug not in FINETUNE_AUGS:
             raise ValueError(f"finetune_aug must be one of {FINETUNE_AUGS}, got {self.finetune_aug!r}")
         check_drop_path_rate(self.drop_path_rate, owner=type(self).__name__)

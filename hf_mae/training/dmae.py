@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from transformers import set_seed
 
 from ..configuration_dmae import DISTILL_LOSSES, PROJECTOR_TYPES, TEACHER_KINDS, TEACHER_POS_EMBED, DMAEConfig
 from ..modeling_dmae import DMAEForPreTraining, load_teacher, prepare_teacher
+from ..modeling_mae import markdown_table
 from .arguments import FloatOrNone, MAEPretrainingArguments
 from .pipeline import DataArguments, ModelArguments, load_config, pretraining_overrides, run_pretraining
 from .trainer import MAETrainer
@@ -161,19 +161,12 @@ class DMAETrainer(MAETrainer):
         output.metrics.update(self._reduce_loss_parts("eval", prefix=f"{metric_key_prefix}_"))
         return output
 
-    def create_model_card(self, **kwargs) -> None:
-        """MAETrainer's card plus the distillation spec."""
-        super().create_model_card(**kwargs)
-        card = Path(self.args.output_dir) / "README.md"
-        if not self.is_world_process_zero() or not card.exists():
-            return
+    def model_card_sections(self) -> list[tuple[str, str]]:
+        """MAETrainer's card sections plus the distillation spec."""
         config = self.accelerator.unwrap_model(self.model).config
         fields = (*DISTILL_FIELDS, "teacher_hidden_size", "teacher_num_hidden_layers", "teacher_patch_size")
         values = {name: getattr(config, name) for name in fields} | {"teacher_image_size": config.teacher_input_size}
-        rows = "".join(f"| {name} | {value} |\n" for name, value in values.items())
-        card.write_text(
-            card.read_text(encoding="utf-8") + "\n## Distillation\n\n| field | value |\n|---|---|\n" + rows
-        )
+        return [*super().model_card_sections(), ("Distillation", markdown_table(values))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -447,7 +447,6 @@ def run_finetuning(
     overrides = parse_overrides(model_args.config_overrides)
     probe = training_args.linear_probe
     head = dict(head_type="linear_probe", pooling="cls") if probe else {}
-    drop_path = 0.0 if probe else training_args.drop_path_rate
     config = load_config(MAEConfig, model_args, overrides)
     processor, eval_transform = build_eval_preprocessing(model_args, config.image_size, data_args.crop_pct)
     mean, std = image_statistics(processor)
@@ -464,7 +463,7 @@ def run_finetuning(
             num_labels=len(names),
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
-            drop_path_rate=drop_path,
+            drop_path_rate=training_args.drop_path_rate,
             **head,
         )
     )
@@ -476,7 +475,7 @@ def run_finetuning(
         model = MAEForImageClassification(config)
     if probe:
         freeze_for_linear_probe(model)
-    aug = "small" if probe else training_args.finetune_aug
+    aug = training_args.finetune_aug  # `small` for a linear probe (MAEFinetuningArguments sees to it)
     if data_args.device_data:
         train, collator = device_train_data(
             ds["train"], config.image_size, training_args, aug, with_labels=True, mean=mean, std=std
