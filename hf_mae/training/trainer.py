@@ -437,11 +437,12 @@ class MAETrainer(Trainer):
 
         The arguments are those of `transformers.Trainer.create_model_card`: `language`, `license`, `tags` (metadata);
         `model_name` (title and model-index name, default: output_dir's name); `finetuned_from` (default: where the
-        model was loaded from; in the metadata's `base_model` when it is a Hub id, in the text whatever it is);
-        `tasks` (model-index task, default `image-classification`); `dataset_tags` (Hub ids: metadata `datasets`
-        and model-index dataset type), `dataset` (names, default the tags), `dataset_args` (model-index dataset
-        config). `license` defaults to the license in `finetuned_from`'s own card when that is a local directory.
-        Arguments given once are kept for later calls (`push_to_hub` calls this again with `model_name` only)."""
+        model was loaded from; named in the text, and the metadata's `base_model` when it is a Hub id: the Hub
+        refuses a card whose `base_model` is a local path); `tasks` (model-index task, default
+        `image-classification`); `dataset_tags` (Hub ids: metadata `datasets` and model-index dataset type),
+        `dataset` (names, default the tags), `dataset_args` (model-index dataset config). `license` defaults to the
+        license in `finetuned_from`'s own card when that is a local directory. Arguments given once are kept for
+        later calls (`push_to_hub` calls this again with `model_name` only)."""
         if not self.is_world_process_zero():
             return
         given = dict(
@@ -462,7 +463,6 @@ class MAETrainer(Trainer):
             tags=_listify(card["tags"]),
             datasets=_listify(card["dataset_tags"]) or None,
             model_name=card["model_name"] or out.name,
-            base_model=card["finetuned_from"],  # as given; a default one goes in only when it is a Hub id
             eval_results=self._eval_results(card, names, results) or None,
         )
         sections = [("Training recipe", markdown_table(self._recipe(), header=("knob", "value")))]
