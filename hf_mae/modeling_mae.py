@@ -16,11 +16,16 @@ import logging
 import math
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -311,7 +316,7 @@ class MAEPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         card = Path(save_directory) / "README.md"
         if kwargs.get("is_main_process", True) and not card.exists():
-            card.write_text(default_model_card(self), encoding="utf-8")
+            default_model_card(self).save(card)
 
     def push_to_hub(
         self,
@@ -350,44 +355,113 @@ class MAEPreTrainedModel(PreTrainedModel):
             )
 
 
-def default_model_card(model: MAEPreTrainedModel) -> str:
-    """A model card from the config alone; training code writes a richer one with the recipe and results."""
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    task = "image-classification" if isinstance(model, MAEForImageClassification) else "image-feature-extraction"
-    return f"""---
-library_name: transformers
-pipeline_tag: {task}
-tags:
-- hf_mae
-- mae
-- masked-autoencoder
-- vision
-- self-supervised
+# The card's body, rendered by huggingface_hub's `ModelCard.from_template` (Jinja); the metadata comes from a
+# `ModelCardData` as `card_data`.
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {type(model).__name__} (hf_mae)
+# {{ title }}
 
-Vision Transformer trained with the Masked Autoencoder recipe, saved by
-[hf_mae](https://github.com/hf-mae/hf_mae).
+{{ summary }}
 
-| field | value |
-|---|---|
-| image size / patch | {c.image_size} / {c.patch_size} |
-| encoder | {c.hidden_size} wide, {c.num_hidden_layers} blocks, {c.num_attention_heads} heads |
-| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} blocks, {c.decoder_num_attention_heads} heads |
-| mask ratio | {c.mask_ratio} |
-| norm_pix_loss | {c.norm_pix_loss} |
-| parameters | {n_params / 1e6:.2f} M |
+## Architecture
 
+{{ architecture }}
+{% for heading, text in sections %}
+## {{ heading }}
+
+{{ text }}
+{% endfor %}
 ## Use
 
 ```python
 import hf_mae  # registers the classes; or pass trust_remote_code=True without hf_mae installed
-from transformers import AutoModel
-model = AutoModel.from_pretrained("path/or/repo")
+from transformers import {{ auto_class }}
+model = {{ auto_class }}.from_pretrained("path/or/repo")
 ```
 """
+
+
+def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("field", "value")) -> str:
+    """`{name: value}` as a two-column markdown table (floats with 6 significant digits)."""
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {f'{v:.6g}' if isinstance(v, float) else v} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def is_hub_model_id(name: str | None) -> bool:
+    """True for a name that can only mean a Hub repo (not an existing local path): what a card's `base_model` may
+    hold; the Hub refuses a card whose `base_model` is a local path."""
+    if not name or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def default_model_card(
+    model: MAEPreTrainedModel,
+    card_data: ModelCardData | None = None,
+    title: str | None = None,
+    summary: str | None = None,
+    base_model: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+) -> ModelCard:
+    """The model card of `model`, through huggingface_hub: the metadata of `card_data` (license, datasets, eval
+    results, ...) completed with the library, pipeline tag, tags and `base_model` (when a Hub id), and a body saying
+    what the model is, its architecture, `sections` (heading, markdown) and how to load it.
+
+    Without `summary` it states only what the config shows (training code knows how the weights were trained and
+    says so); `base_model` is the checkpoint the weights started from, named in the body whatever it is.
+    """
+    c = model.config
+    classifier = isinstance(model, MAEForImageClassification)
+    pretraining = isinstance(model, MAEForPreTraining)
+    data = card_data or ModelCardData()
+    data.library_name = "transformers"
+    data.pipeline_tag = data.pipeline_tag or ("image-classification" if classifier else "image-feature-extraction")
+    own_tags = ["hf_mae", "vision", "vit"] + (["mae", "masked-autoencoder", "self-supervised"] if pretraining else [])
+    data.tags = list(dict.fromkeys([*(data.tags or []), *own_tags]))
+    if base_model and data.base_model is None and is_hub_model_id(base_model):
+        data.base_model = base_model
+    rows = {"image size / patch": f"{c.image_size} / {c.patch_size}"}
+    rows["encoder"] = f"{c.hidden_size} wide, {c.num_hidden_layers} blocks, {c.num_attention_heads} heads"
+    if pretraining:
+        rows["decoder"] = (
+            f"{c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} blocks, {c.decoder_num_attention_heads} heads"
+        )
+        rows["mask ratio"] = c.mask_ratio
+        rows["norm_pix_loss"] = c.norm_pix_loss
+    if classifier:
+        rows["head"] = f"{c.pooling} pooling, {c.head_type} head, {c.num_labels} classes"
+    rows["parameters"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+    if summary is None:
+        kind = (
+            "a Masked Autoencoder (MAE): the ViT encoder sees the visible patches, a light decoder reconstructs the "
+            "removed ones"
+            if pretraining
+            else "an image classifier: ViT encoder + head"
+            if classifier
+            else "a ViT encoder"
+        )
+        summary = f"{type(model).__name__} from [hf_mae](https://github.com/hf-mae/hf_mae), {kind}."
+        if base_model:
+            summary += f" Weights loaded from `{base_model}`."
+    auto_class = (
+        "AutoModelForImageClassification" if classifier else "AutoModelForPreTraining" if pretraining else "AutoModel"
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=MODEL_CARD_TEMPLATE,
+        title=title or f"{type(model).__name__} (hf_mae)",
+        summary=summary,
+        architecture=markdown_table(rows),
+        sections=list(sections),
+        auto_class=auto_class,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

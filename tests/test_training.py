@@ -217,7 +217,7 @@ def test_pretraining_figure_and_card_leave_the_model_in_place(tmp_path):
     assert (tmp_path / "reconstructions.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text()) == results
     card = (tmp_path / "README.md").read_text()
-    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.4f} |" in card  # via save_metrics
+    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.6g} |" in card  # via save_metrics
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
