@@ -46,6 +46,7 @@ def test_auto_classes_round_trip(pretrained_dir):
     encoder = AutoModel.from_pretrained(path)
     assert isinstance(encoder, MAEModel)
     assert torch.allclose(encoder(x, noise=noise).last_hidden_state, model.mae(x, noise=noise).last_hidden_state)
+    assert torch.allclose(encoder(x).last_hidden_state, model.mae(x).last_hidden_state)
 
 
 def test_classifier_from_pretraining_checkpoint(pretrained_dir, caplog):
@@ -100,6 +101,30 @@ def test_remote_code_loads_without_hf_mae(pretrained_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     loss = float(result.stdout.split("LOSS")[1])
     assert abs(loss - expected) < 1e-6
+
+
+def test_classifier_saved_with_fc_norm_outside_the_encoder_still_loads(tmp_path):
+    """Directories written before `fc_norm` moved into the encoder (key `fc_norm.*`, no `use_fc_norm` in the
+    config) load into the classifier and, as its encoder, into AutoModel."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3)).eval()
+    with torch.no_grad():
+        model.mae.fc_norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    for name in ("weight", "bias"):
+        weights[f"fc_norm.{name}"] = weights.pop(f"mae.fc_norm.{name}")
+    save_file(weights, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["use_fc_norm"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    x = torch.randn(2, 3, 16, 16)
+    old = AutoModelForImageClassification.from_pretrained(tmp_path / "old").eval()
+    assert torch.equal(old(x).logits, model(x).logits)
+    encoder = AutoModel.from_pretrained(tmp_path / "old").eval()
+    assert torch.allclose(encoder(x).pooler_output, model.mae(x).pooler_output)
 
 
 def test_push_to_hub_uploads_config_weights_and_card(tmp_path):

@@ -44,7 +44,7 @@ def test_param_groups_layer_decay_matches_official_scales():
     for i in range(3):
         assert lr_of[id(named[f"mae.blocks.{i}.attn.qkv.weight"])] == pytest.approx(0.5 ** (3 - i))
     assert lr_of[id(named["classifier.weight"])] == pytest.approx(1.0)
-    assert lr_of[id(named["fc_norm.weight"])] == pytest.approx(1.0)
+    assert lr_of[id(named["mae.fc_norm.weight"])] == pytest.approx(1.0)
     # no decay on biases, norms, pos/cls embeddings
     assert wd_of[id(named["mae.blocks.0.attn.qkv.bias"])] == 0
     assert wd_of[id(named["mae.blocks.0.norm1.weight"])] == 0
