@@ -313,8 +313,26 @@ class MAEPreTrainedModel(PreTrainedModel):
                 "Convert foreign checkpoints with `python -m hf_mae.convert`, or pass strict=False to load partially."
             )
 
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[PreTrainedModel]]:
+        """Every Auto class a directory saved from this class loads into, with the class each one gives.
+
+        Any MAE checkpoint holds an encoder (`AutoModel`, what `pipeline("image-feature-extraction")` loads) and can
+        start a classifier (`AutoModelForImageClassification`, with a new head when it has none).
+        """
+        return {"AutoModel": MAEModel, "AutoModelForImageClassification": MAEForImageClassification}
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) plus a model card if none is there."""
+        """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) with every Auto class the directory
+        fits in `auto_map`, plus a model card where the directory has none."""
+        if self.is_remote_code():  # registered for an Auto class (by `import hf_mae`, or by a remote-code load)
+            # transformers adds only the saved class to `auto_map`, next to whatever the checkpoint this model was
+            # loaded from listed; rebuild it so that each Auto class the directory fits, and only those, loads it
+            # with `trust_remote_code=True`. Every class named here lives in the files transformers ships with it.
+            self.config.auto_map = {
+                auto_class: f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
+                for auto_class, model_class in self._auto_classes().items()
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
         card = Path(save_directory) / "README.md"
         if kwargs.get("is_main_process", True) and not card.exists():
@@ -581,6 +599,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
         self.mae = MAEModel(config, use_fc_norm=False)
         self.decoder = MAEDecoder(config)
         self.post_init()
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[PreTrainedModel]]:
+        return {**super()._auto_classes(), "AutoModelForPreTraining": cls}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.mae.patch_embed

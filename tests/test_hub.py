@@ -31,7 +31,8 @@ def test_save_writes_safetensors_card_and_code(pretrained_dir):
     assert {"model.safetensors", "config.json", "README.md", "modeling_mae.py", "configuration_mae.py"} <= files
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "hf_mae"
-    assert config["auto_map"]["AutoModelForPreTraining"].endswith("MAEForPreTraining")
+    assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_mae.MAEForPreTraining"
+    assert config["auto_map"]["AutoModel"] == "modeling_mae.MAEModel"  # the README's remote-code line
     card = (path / "README.md").read_text()
     assert "library_name: transformers" in card and "mask ratio" in card
 
