@@ -9,6 +9,7 @@ from transformers import (
 
 from .configuration_dmae import DMAEConfig
 from .configuration_mae import PRESETS, MAEConfig
+from .image_processing_mae import build_image_processor
 from .modeling_dmae import DMAEForPreTraining, DMAEModel
 from .modeling_mae import (
     MAEForImageClassification,
@@ -47,4 +48,5 @@ __all__ = [
     "DMAEConfig",
     "DMAEModel",
     "DMAEForPreTraining",
+    "build_image_processor",
 ]

@@ -12,6 +12,7 @@ loss functions, so `save_pretrained` can ship it as remote code that loads witho
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import math
 import re
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_mae import MAEConfig, check_mask_ratio
+from .image_processing_mae import build_image_processor
 from .losses import classification_loss, mae_reconstruction_loss
 
 logger = logging.getLogger(__name__)
@@ -324,7 +326,7 @@ class MAEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) with every Auto class the directory
-        fits in `auto_map`, plus a model card where the directory has none."""
+        fits in `auto_map`, plus an image processor and a model card where the directory has none."""
         if self.is_remote_code():  # registered for an Auto class (by `import hf_mae`, or by a remote-code load)
             # transformers adds only the saved class to `auto_map`, next to whatever the checkpoint this model was
             # loaded from listed; rebuild it so that each Auto class the directory fits, and only those, loads it
@@ -334,9 +336,34 @@ class MAEPreTrainedModel(PreTrainedModel):
                 for auto_class, model_class in self._auto_classes().items()
             }
         super().save_pretrained(save_directory, *args, **kwargs)
-        card = Path(save_directory) / "README.md"
-        if kwargs.get("is_main_process", True) and not card.exists():
-            card.write_text(default_model_card(self), encoding="utf-8")
+        if kwargs.get("is_main_process", True):
+            self._save_image_processor(Path(save_directory))
+            card = Path(save_directory) / "README.md"
+            if not card.exists():
+                card.write_text(default_model_card(self), encoding="utf-8")
+
+    def _save_image_processor(self, directory: Path) -> None:
+        """Write the evaluation preprocessing the model expects (`preprocessor_config.json`, transformers'
+        `BitImageProcessor`: loads without hf_mae), so `pipeline(model=directory)` works. A processor already there
+        for this image size is kept (a training run writes its own, with its crop_pct)."""
+        path = directory / "preprocessor_config.json"
+        size = self.config.image_size
+        if path.exists():
+            try:
+                crop = json.loads(path.read_text(encoding="utf-8")).get("crop_size")
+            except (OSError, ValueError, AttributeError):
+                crop = None
+            if crop == {"height": size, "width": size}:
+                return
+            logger.warning("%s: replacing %s (crop size %s) by one for %d px images", directory, path.name, crop, size)
+        if self.config.num_channels != 3:
+            logger.warning(
+                "%s: no image processor saved: hf_mae's preprocessing is RGB, the model takes %d channels",
+                directory,
+                self.config.num_channels,
+            )
+            return
+        build_image_processor(size).save_pretrained(directory)
 
     def push_to_hub(
         self,

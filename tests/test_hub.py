@@ -1,10 +1,7 @@
-"""HF integration: Auto classes, save/load, remote code without hf_mae, push_to_hub, strict loading."""
+"""HF integration: Auto classes, save/load, push_to_hub, strict loading (remote code: test_auto.py)."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import pytest
@@ -29,6 +26,7 @@ def test_save_writes_safetensors_card_and_code(pretrained_dir):
     path, _ = pretrained_dir
     files = set(os.listdir(path))
     assert {"model.safetensors", "config.json", "README.md", "modeling_mae.py", "configuration_mae.py"} <= files
+    assert "preprocessor_config.json" in files
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "hf_mae"
     assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_mae.MAEForPreTraining"
@@ -78,32 +76,6 @@ def test_strict_loading_rejects_unexpected_and_missing(tmp_path):
     assert isinstance(partial, MAEForPreTraining)
 
 
-def test_remote_code_loads_without_hf_mae(pretrained_dir, tmp_path):
-    path, model = pretrained_dir
-    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
-    torch.save({"x": x, "noise": noise}, tmp_path / "inputs.pt")
-    expected = model.eval()(x, noise=noise).loss.item()
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["hf_mae"] = None  # any `import hf_mae` now fails: simulate an environment without it
-        import torch
-        from transformers import AutoModelForPreTraining
-        model = AutoModelForPreTraining.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-        print("LOSS", model(inputs["x"], noise=inputs["noise"]).loss.item())
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loss = float(result.stdout.split("LOSS")[1])
-    assert abs(loss - expected) < 1e-6
-
-
 def test_classifier_saved_with_fc_norm_outside_the_encoder_still_loads(tmp_path):
     """Directories written before `fc_norm` moved into the encoder (key `fc_norm.*`, no `use_fc_norm` in the
     config) load into the classifier and, as its encoder, into AutoModel."""
@@ -145,6 +117,8 @@ def test_push_to_hub_uploads_config_weights_and_card(tmp_path):
         mock.patch.object(HfApi, "create_commit", fake_create_commit),
     ):
         model.push_to_hub("user/tiny-mae", token="hf_fake")
-    assert {"config.json", "model.safetensors", "README.md", "modeling_mae.py"} <= set(uploaded)
+    assert {"config.json", "model.safetensors", "README.md", "modeling_mae.py", "preprocessor_config.json"} <= set(
+        uploaded
+    )
     assert json.loads(uploaded["config.json"])["model_type"] == "hf_mae"
     assert b"hf_mae" in uploaded["README.md"]

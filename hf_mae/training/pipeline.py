@@ -165,13 +165,12 @@ class _LogHistoryWriter(TrainerCallback):
             self.path.write_text(json.dumps(state.log_history, indent=1))
 
 
-def _finish(trainer: MAETrainer, results: dict, title: str, image_size: int, crop_pct: float) -> None:
-    """Image processor, curves, results.json, the Trainer's metrics files and the model card built from them (main
-    process), then the final save, which also pushes everything in output_dir when --push_to_hub is set."""
+def _finish(trainer: MAETrainer, results: dict, title: str) -> None:
+    """Curves, results.json, the Trainer's metrics files and the model card built from them (main process), then the
+    final save (model and image processor), which also pushes everything in output_dir when --push_to_hub is set."""
     out = Path(trainer.args.output_dir)
     trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
-        build_image_processor(image_size, crop_pct).save_pretrained(out)
         plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         trainer.create_model_card()
@@ -188,7 +187,8 @@ def _build_trainer(
     extra_callbacks: list | None = None,
     **kwargs: Any,
 ) -> MAETrainer:
-    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows."""
+    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows. Pass the run's image
+    processor as `processing_class`: the Trainer saves it with the model and in every checkpoint."""
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return trainer_cls(
@@ -264,14 +264,17 @@ def run_pretraining(
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
-    trainer = _build_trainer(trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks)
+    processor = build_image_processor(config.image_size, data_args.crop_pct)
+    trainer = _build_trainer(
+        trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks, processing_class=processor
+    )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
     if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
         _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
-    _finish(trainer, results, "pretraining", config.image_size, data_args.crop_pct)
+    _finish(trainer, results, "pretraining")
     logger.info("pretraining results: %s", results)
     return results
 
@@ -333,6 +336,7 @@ def run_finetuning(
         train,
         eval_ds,
         collator,
+        processing_class=build_image_processor(config.image_size, data_args.crop_pct),
         compute_metrics=build_compute_metrics(k=min(5, len(names))),
         preprocess_logits_for_metrics=topk_predictions,
         mixup=mixup,
@@ -348,7 +352,7 @@ def run_finetuning(
         "eval_loss": final.get("eval_loss", math.nan),
     }
     title = "linear probe" if probe else f"fine-tuning ({aug} aug)"
-    _finish(trainer, results, title, config.image_size, data_args.crop_pct)
+    _finish(trainer, results, title)
     logger.info("fine-tuning results: %s", results)
     return results
 
