@@ -348,6 +348,14 @@ class MAEPreTrainedModel(PreTrainedModel):
         for this image size is kept (a training run writes its own, with its crop_pct)."""
         path = directory / "preprocessor_config.json"
         size = self.config.image_size
+        if self.config.num_channels != 3:
+            if not path.exists():
+                logger.warning(
+                    "%s: no image processor saved: hf_mae's preprocessing is RGB, the model takes %d channels",
+                    directory,
+                    self.config.num_channels,
+                )
+            return
         if path.exists():
             try:
                 crop = json.loads(path.read_text(encoding="utf-8")).get("crop_size")
@@ -356,13 +364,6 @@ class MAEPreTrainedModel(PreTrainedModel):
             if crop == {"height": size, "width": size}:
                 return
             logger.warning("%s: replacing %s (crop size %s) by one for %d px images", directory, path.name, crop, size)
-        if self.config.num_channels != 3:
-            logger.warning(
-                "%s: no image processor saved: hf_mae's preprocessing is RGB, the model takes %d channels",
-                directory,
-                self.config.num_channels,
-            )
-            return
         build_image_processor(size).save_pretrained(directory)
 
     def push_to_hub(

@@ -260,6 +260,11 @@ def test_save_keeps_a_matching_processor_and_replaces_a_stale_one(tmp_path, capl
         model.save_pretrained(tmp_path / "stale")
     assert BitImageProcessor.from_pretrained(tmp_path / "stale").crop_size == {"height": 32, "width": 32}
     assert any("replacing preprocessor_config.json" in r.getMessage() for r in caplog.records)
+    # hf_mae's preprocessing is RGB: a model on other channel counts says it saves none, rather than a wrong one
+    with caplog.at_level(logging.WARNING, logger="hf_mae.modeling_mae"):
+        MAEModel(MAEConfig(**TINY, num_channels=1)).save_pretrained(tmp_path / "gray")
+    assert not (tmp_path / "gray" / "preprocessor_config.json").exists()
+    assert any("no image processor saved" in r.getMessage() for r in caplog.records)
 
 
 def test_automodel_on_classifier_head_keys_only_drops_the_head(dirs, caplog):
