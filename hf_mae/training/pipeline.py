@@ -291,14 +291,13 @@ class _LogHistoryWriter(TrainerCallback):
             self.path.write_text(json.dumps(state.log_history, indent=1))
 
 
-def _finish(trainer: MAETrainer, results: dict, title: str, processor, card: dict[str, Any]) -> None:
-    """Image processor, curves, results.json, the Trainer's metrics files and the model card built from them (main
-    process; `card`: `create_model_card`'s arguments), then the final save, which also pushes everything in
-    output_dir when --push_to_hub is set."""
+def _finish(trainer: MAETrainer, results: dict, title: str, card: dict[str, Any]) -> None:
+    """Curves, results.json, the Trainer's metrics files and the model card built from them (main process; `card`:
+    `create_model_card`'s arguments), then the final save (model and the run's image processor, the Trainer's
+    `processing_class`), which also pushes everything in output_dir when --push_to_hub is set."""
     out = Path(trainer.args.output_dir)
     trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
-        processor.save_pretrained(out)
         plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         trainer.create_model_card(**card)
@@ -315,7 +314,8 @@ def _build_trainer(
     extra_callbacks: list | None = None,
     **kwargs: Any,
 ) -> MAETrainer:
-    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows."""
+    """The Trainer of every run: output_dir created, log_history.json kept on disk as it grows. Pass the run's image
+    processor as `processing_class`: the Trainer saves it with the model and in every checkpoint."""
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return trainer_cls(
@@ -426,14 +426,16 @@ def run_pretraining(
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], eval_transform)
-    trainer = _build_trainer(trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks)
+    trainer = _build_trainer(
+        trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks, processing_class=processor
+    )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
     if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
         _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
-    _finish(trainer, results, "pretraining", processor, model_card_dataset(data_args))
+    _finish(trainer, results, "pretraining", model_card_dataset(data_args))
     logger.info("pretraining results: %s", results)
     return results
 
@@ -502,6 +504,7 @@ def run_finetuning(
         train,
         eval_ds,
         collator,
+        processing_class=processor,
         compute_metrics=build_compute_metrics(k=min(5, len(names))),
         preprocess_logits_for_metrics=topk_predictions,
         mixup=mixup,
@@ -517,7 +520,7 @@ def run_finetuning(
         "eval_loss": final.get("eval_loss", math.nan),
     }
     title = "linear probe" if probe else f"fine-tuning ({aug} aug)"
-    _finish(trainer, results, title, processor, model_card_dataset(data_args))
+    _finish(trainer, results, title, model_card_dataset(data_args))
     logger.info("fine-tuning results: %s", results)
     return results
 
