@@ -487,6 +487,37 @@ def test_report_layout_failed_cells_and_figures(tmp_path):
     assert [r["evaluations"]["full"].status for r in table_rows] == ["failed", "done", "done"]
 
 
+def test_report_figures_put_train_and_validation_on_one_axis(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from hf_mae.study.report import ablation_bars_figure, finetune_curves_figure, pretrain_curves_figure
+
+    study = _mini_study(tmp_path)
+    run_study(study, executor=LocalExecutor(FakeRuns(fail={"mae_b-full"})))
+    fig = finetune_curves_figure(study)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "small aug: loss", "small aug: validation top-1 (%)", "full aug: loss", "full aug: validation top-1 (%)"
+    ]  # fmt: skip
+    loss = fig.axes[0].get_lines()
+    assert len(loss) == 6 and sorted(line.get_linestyle() for line in loss) == ["-"] * 3 + ["--"] * 3
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["mae_a", "mae_b", "scratch", "train", "validation"]
+    plt.close(fig)
+    fig = pretrain_curves_figure(study)
+    assert [ax.get_title() for ax in fig.axes] == ["reconstruction loss", "k-NN top-1 (%)"]
+    plt.close(fig)
+    table = collect_results(study)
+    fig = ablation_bars_figure(study, table)
+    assert [ax.get_title() for ax in fig.axes] == ["mask ratio", "scratch"]
+    assert "failed" in [t.get_text() for t in fig.axes[0].texts]  # mae_b-full
+    plt.close(fig)
+    # the seed's grid: six ablation groups in rows of four
+    seed = plan_study(load_grid(SEED_GRID), "full", output_root=tmp_path / "seed")
+    fig = ablation_bars_figure(seed, collect_results(seed))
+    assert len(fig.axes) == 6 and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 4)}
+    plt.close(fig)
+
+
 def test_report_of_a_study_that_has_not_run(tmp_path):
     study = _mini_study(tmp_path)
     md = build_report(study).read_text()

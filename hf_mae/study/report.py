@@ -8,14 +8,17 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..visualize import BarPanel, Curve, bars_figure, curves_figure, history_series, image_tiles_figure, save_figure
 from .execute import is_finished, read_status
 from .plan import Study, Variant
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -183,203 +186,99 @@ def write_tables(study: Study, table: list[dict], status: dict[str, dict], out: 
 FIGURES = ("finetune_curves.png", "mask_ratio.png", "ablations.png", "pretrain_curves.png", "reconstructions.png")
 
 
-def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(e["epoch"], e[key]) for e in history if key in e and "epoch" in e and isinstance(e[key], (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
+def _history(run) -> list[dict]:
+    return _read_json(run.output_dir / "log_history.json") or []
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_finetune_curves(study: Study, path: Path) -> Path | None:
-    """Seed Fig. 1 for every fine-tuning run: train loss, validation loss and validation top-1 against the epoch, one
-    row per evaluation regime, one line per pretraining variant."""
-    plt = _pyplot()
-    regimes = [e for e, spec in study.evaluations.items() if any(v.evaluation_runs.get(e) for v in study.variants)]
-    histories = {
-        (v.name, e): _read_json(study.run(v.evaluation_runs[e]).output_dir / "log_history.json") or []
-        for v in study.variants
-        for e in regimes
-        if e in v.evaluation_runs
-    }
-    if not any(histories.values()):
-        return None
-    panels = [("loss", "train loss"), ("eval_loss", "validation loss"), ("eval_top1", "validation top-1 (%)")]
-    fig, axes = plt.subplots(len(regimes), 3, figsize=(13, 3.2 * len(regimes)), squeeze=False)
-    colors = {v.name: plt.cm.tab10(i % 10) for i, v in enumerate(study.variants)}
-    for r, regime in enumerate(regimes):
-        for c, (key, label) in enumerate(panels):
-            ax = axes[r][c]
-            for v in study.variants:
-                xs, ys = _series(histories.get((v.name, regime), []), key)
-                if xs:
-                    ax.plot(xs, ys, color=colors[v.name], label=v.name, linewidth=1.2)
-            ax.set_title(f"{_title(study, regime)}: {label}", fontsize=10)
-            ax.set_xlabel("epoch", fontsize=9)
-            ax.tick_params(labelsize=8)
-            ax.grid(alpha=0.3)
-    handles, labels = {}, {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-            labels[lab] = lab
-    fig.legend(handles.values(), labels.values(), loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"Fine-tuning curves ({study.name}, {study.scale} scale)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.86, 0.97))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _bars(ax, study: Study, rows: list[dict], title: str) -> bool:
-    """Grouped bars of top-1 per setting, one colour per evaluation (the same colour in every panel)."""
-    evaluations = [e for e in study.evaluations if any(row["variant"].evaluation_runs.get(e) for row in rows)]
-    if not evaluations:
-        return False
-    width = 0.8 / len(evaluations)
-    top = 1.0
-    for j, e in enumerate(evaluations):
-        color = f"C{list(study.evaluations).index(e)}"
-        for i, row in enumerate(rows):
-            if not row["variant"].evaluation_runs.get(e):
+def finetune_curves_figure(study: Study) -> Figure | None:
+    """The paper's Fig. 1 for every fine-tuning run: per evaluation regime, train and validation loss on one panel
+    and validation top-1 on the next, against the epoch; one colour per pretraining variant. None before any run
+    logged two points."""
+    colors = {v.name: f"C{i % 10}" for i, v in enumerate(study.variants)}
+    panels: dict[str, list[Curve]] = {}
+    for regime in study.evaluations:
+        loss, top1 = [], []
+        for variant in study.variants:
+            if regime not in variant.evaluation_runs:
                 continue
-            cell = row["evaluations"][e]
-            x = i + (j - (len(evaluations) - 1) / 2) * width
-            value = cell.values.get("top1") if cell.status == "done" else None
-            if value is None:  # failed / blocked / not run: say so where the bar would be
-                label = cell.status if cell.status != "done" else "no top-1"
-                ax.text(x, 1, label, rotation=90, ha="center", va="bottom", fontsize=8, color=color)
-                continue
-            bar = ax.bar(x, value, width, color=color)
-            ax.bar_label(bar, fmt="%.1f", fontsize=7)
-            top = max(top, value)
-    ax.set_xticks(range(len(rows)), [row["setting"] for row in rows], fontsize=8)
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel("top-1 (%)", fontsize=9)
-    ax.set_ylim(0, top * 1.15)
-    ax.tick_params(labelsize=8)
-    return True
+            history, color = _history(study.run(variant.evaluation_runs[regime])), colors[variant.name]
+            loss.append(Curve(*history_series(history, "loss", "epoch"), variant.name, color))
+            loss.append(Curve(*history_series(history, "eval_loss", "epoch"), variant.name, color, validation=True))
+            top1.append(Curve(*history_series(history, "eval_top1", "epoch"), variant.name, color, validation=True))
+        if loss:
+            panels[f"{_title(study, regime)}: loss"] = loss
+            panels[f"{_title(study, regime)}: validation top-1 (%)"] = top1
+    return curves_figure(panels, f"Fine-tuning curves ({study.name}, {study.scale} scale)", xlabel="epoch")
 
 
-def plot_ablation_bars(study: Study, table: list[dict], path: Path, groups: list[str] | None = None) -> Path | None:
-    """Top-1 bars per setting, one panel per ablation group (`groups`: those only, e.g. the mask ratio = seed Fig. 2)."""
-    plt = _pyplot()
-    from matplotlib.patches import Patch
-
-    names = [g for g in dict.fromkeys(row["group"] for row in table) if groups is None or g in groups]
-    if not names:
-        return None
-    cols = min(len(names), 3)
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 0.4, 3.3 * rows + 0.6), squeeze=False)
-    drawn = False
-    for ax, group in zip(axes.flat, names):
-        drawn |= _bars(ax, study, [row for row in table if row["group"] == group], group)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    if not drawn:
-        plt.close(fig)
-        return None
-    top = max(ax.get_ylim()[1] for ax in list(axes.flat)[: len(names)])
-    for ax in list(axes.flat)[: len(names)]:
-        ax.set_ylim(0, top)  # one scale for every panel, so bars compare across ablations
-    used = [e for e in study.evaluations if any(row["variant"].evaluation_runs.get(e) for row in table)]
-    handles = [Patch(color=f"C{list(study.evaluations).index(e)}", label=_title(study, e)) for e in used]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    what = names[0] if len(names) == 1 else "ablation"
-    fig.suptitle(f"Top-1 by {what} ({study.name}, {study.scale} scale)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 if rows == 1 else 0.04, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_pretrain_curves(study: Study, path: Path) -> Path | None:
-    """Pretraining: validation reconstruction loss (and k-NN top-1 when monitored) against the epoch."""
-    plt = _pyplot()
-    histories = {
-        r.name: _read_json(r.output_dir / "log_history.json") or []
-        for r in study.runs
-        if r.kind in ("pretrain", "distill")
-    }
-    # (key, DMAE's pixel-only key, title): a DMAE's loss adds the distillation term, its reconstruction part compares
-    keys = [("loss", "reconstruction_loss", "train reconstruction loss")]
-    keys.append(("eval_loss", "eval_reconstruction_loss", "validation reconstruction loss"))
-    if any(_series(h, "knn_top1")[0] for h in histories.values()):
-        keys.append(("knn_top1", "knn_top1", "k-NN top-1 (%)"))
-    if not any(_series(h, k)[0] for h in histories.values() for k, _, _ in keys):
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys) + 1.6, 3.4), squeeze=False)
-    for ax, (key, pixel_key, label) in zip(axes[0], keys):
-        for i, (name, history) in enumerate(histories.items()):
-            xs, ys = _series(history, pixel_key)
+def pretrain_curves_figure(study: Study) -> Figure | None:
+    """Pretraining: train and validation reconstruction loss on one panel (a DMAE's pixel part: its loss adds the
+    distillation term), k-NN top-1 when monitored, against the epoch; one colour per run."""
+    loss, knn = [], []
+    runs = [r for r in study.runs if r.kind in ("pretrain", "distill")]
+    for i, run in enumerate(runs):
+        history, color = _history(run), f"C{i % 10}"
+        for key, pixel_key, validation in (
+            ("loss", "reconstruction_loss", False),
+            ("eval_loss", "eval_reconstruction_loss", True),
+        ):
+            xs, ys = history_series(history, pixel_key, "epoch")
             if not xs:
-                xs, ys = _series(history, key)
-            if xs:
-                ax.plot(
-                    xs,
-                    ys,
-                    color=plt.cm.tab10(i % 10),
-                    label=name,
-                    linewidth=1.2,
-                    marker="o" if len(xs) < 12 else None,
-                    markersize=3,
-                )
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"Pretraining ({study.name}, {study.scale} scale)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.82, 0.95))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+                xs, ys = history_series(history, key, "epoch")
+            loss.append(Curve(xs, ys, run.name, color, validation))
+        knn.append(Curve(*history_series(history, "knn_top1", "epoch"), run.name, color, validation=True))
+    panels = {"reconstruction loss": loss, "k-NN top-1 (%)": knn}
+    return curves_figure(panels, f"Pretraining ({study.name}, {study.scale} scale)", xlabel="epoch")
+
+
+def _bar_value(row: dict, evaluation: str) -> float | str | None:
+    """Top-1 of one evaluation of a table row; its state when it has none; None when the grid does not plan it."""
+    if not row["variant"].evaluation_runs.get(evaluation):
+        return None
+    cell = row["evaluations"][evaluation]
+    if cell.status != "done":
+        return cell.status
+    return cell.values.get("top1", "no top-1")
+
+
+def ablation_bars_figure(study: Study, table: list[dict], groups: list[str] | None = None) -> Figure | None:
+    """Top-1 bars per setting, one panel per ablation group (`groups`: those only, e.g. the mask ratio = the paper's
+    Fig. 2), one colour per evaluation. None when no group has an evaluation."""
+    names = [g for g in dict.fromkeys(row["group"] for row in table) if groups is None or g in groups]
+    panels = {}
+    for group in names:
+        rows = [row for row in table if row["group"] == group]
+        evaluations = [e for e in study.evaluations if any(row["variant"].evaluation_runs.get(e) for row in rows)]
+        values = {_title(study, e): [_bar_value(row, e) for row in rows] for e in evaluations}
+        panels[group] = BarPanel([row["setting"] for row in rows], values)
+    what = names[0] if len(names) == 1 else "ablation"
+    series = [_title(study, e) for e in study.evaluations]  # one colour per evaluation in every figure
+    return bars_figure(panels, f"Top-1 by {what} ({study.name}, {study.scale} scale)", series=series)
 
 
 def collect_reconstructions(study: Study, out: Path) -> Path | None:
-    """Copy each pretraining run's reconstructions.png to `out/reconstructions/<run>.png` and tile them side by side
-    into `out/reconstructions.png` (columns per run: original, masked, reconstruction, reconstruction + visible)."""
-    found = [
-        (r.name, r.output_dir / "reconstructions.png")
+    """Copy each pretraining run's reconstructions.png to `out/reconstructions/<run>.png` and tile them into
+    `out/reconstructions.png` (each tile: original, masked, reconstruction, reconstruction + visible)."""
+    found = {
+        r.name: r.output_dir / "reconstructions.png"
         for r in study.runs
         if r.kind in ("pretrain", "distill") and (r.output_dir / "reconstructions.png").exists()
-    ]
+    }
     if not found:
         return None
     folder = out / "reconstructions"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, src in found:
+    for name, src in found.items():
         shutil.copyfile(src, folder / f"{name}.png")
-    plt = _pyplot()
-    images = [plt.imread(src) for _, src in found]
-    cols = min(len(images), 5)
-    rows = math.ceil(len(images) / cols)
-    aspect = images[0].shape[0] / images[0].shape[1]
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, (3.6 * aspect + 0.4) * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (name, _), image in zip(axes.flat, found, images):
-        ax.imshow(image)
-        ax.set_title(name, fontsize=10)
-    fig.suptitle(f"Reconstructions on validation images ({study.name}, {study.scale} scale)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = out / "reconstructions.png"
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    import matplotlib.image
+
+    images = {name: matplotlib.image.imread(src) for name, src in found.items()}
+    title = f"Reconstructions on validation images ({study.name}, {study.scale} scale)"
+    return save_figure(image_tiles_figure(images, title), out / "reconstructions.png", dpi=150)
+
+
+def _save(figure: Figure | None, path: Path) -> Path | None:
+    return None if figure is None else save_figure(figure, path)
 
 
 def build_report(study: Study, status: dict[str, dict] | None = None, out: Path | None = None) -> Path:
@@ -391,10 +290,10 @@ def build_report(study: Study, status: dict[str, dict] | None = None, out: Path 
     table = collect_results(study, status)
     for name in FIGURES:
         (out / name).unlink(missing_ok=True)  # a figure with nothing left to draw must not survive from before
-    plot_finetune_curves(study, out / "finetune_curves.png")
-    plot_ablation_bars(study, table, out / "mask_ratio.png", groups=["mask ratio"])
-    plot_ablation_bars(study, table, out / "ablations.png")
-    plot_pretrain_curves(study, out / "pretrain_curves.png")
+    _save(finetune_curves_figure(study), out / "finetune_curves.png")
+    _save(ablation_bars_figure(study, table, groups=["mask ratio"]), out / "mask_ratio.png")
+    _save(ablation_bars_figure(study, table), out / "ablations.png")
+    _save(pretrain_curves_figure(study), out / "pretrain_curves.png")
     collect_reconstructions(study, out)
     md_path, _ = write_tables(study, table, status, out)
     logger.info("report: %s", md_path)
