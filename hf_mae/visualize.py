@@ -73,14 +73,18 @@ def panel_grid(
     return fig, axes[:count]
 
 
+def _plain_number(value: float, _position=None) -> str:
+    """A tick label that stands on its own: `2.3015`, `1.00001`, `0.00015`, `6e-6`."""
+    return f"{value:.6g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
 def _plain_numbers(ax: Axes) -> None:
-    """No offset on the tick labels (`1e-5 +` above an axis of losses that barely move is unreadable)."""
-    from matplotlib.ticker import ScalarFormatter
+    """Every tick labelled in full: no offset (`1e-5 +` above an axis of losses that barely move) and no multiplier
+    floating next to the panel's title (`1e-6` above a learning rate)."""
+    from matplotlib.ticker import FuncFormatter
 
     for axis in (ax.xaxis, ax.yaxis):
-        formatter = axis.get_major_formatter()
-        if isinstance(formatter, ScalarFormatter):
-            formatter.set_useOffset(False)
+        axis.set_major_formatter(FuncFormatter(_plain_number))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -130,13 +130,17 @@ def test_grids_have_at_most_four_panels_per_row():
 
 
 def test_axes_print_plain_numbers_without_an_offset():
-    # a validation loss that moves in its fifth decimal: matplotlib would label it "+1" above the axis
-    history = [{"eval_loss": 1.0 + 1e-5 * s, "step": 1000 + s} for s in range(5)]
+    # a validation loss that moves in its fifth decimal (matplotlib: "1e-5+1" above the axis) and a learning rate of
+    # a few 1e-6 (matplotlib: "1e-6" next to the title)
+    history = [{"eval_loss": 1.0 + 1e-5 * s, "learning_rate": 2e-6 * s, "step": 1000 + s} for s in range(5)]
     fig = training_curves_figure(history)
     fig.canvas.draw()
-    (ax,) = fig.axes
-    assert ax.yaxis.get_offset_text().get_text() == "" and ax.xaxis.get_offset_text().get_text() == ""
-    assert ax.get_title() == "loss (validation)"
+    assert [ax.get_title() for ax in fig.axes] == ["loss (validation)", "learning_rate"]
+    for ax in fig.axes:
+        assert ax.yaxis.get_offset_text().get_text() == "" and ax.xaxis.get_offset_text().get_text() == ""
+    loss_ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "1.00002" in loss_ticks and "4e-6" in [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert "1002" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
     plt.close(fig)
 
 
