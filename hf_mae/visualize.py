@@ -373,10 +373,13 @@ def bars_figure(
 
 def image_tiles_figure(images: Mapping[str, Any], title: str | None = None, max_columns: int = 3) -> Figure | None:
     """Pictures side by side (e.g. each run's reconstruction grid), titled by their keys, at most `max_columns` per
-    row (each picture is itself a grid: three keep it legible); `images` are arrays [H, W] or [H, W, C] as
-    `matplotlib.image.imread` returns. None when empty."""
+    row (each picture is itself a grid: three keep it legible); `images` are image files or arrays [H, W] /
+    [H, W, C]. None when empty."""
+    import matplotlib.image
+
     if not images:
         return None
+    images = {k: matplotlib.image.imread(v) if isinstance(v, (str, Path)) else v for k, v in images.items()}
     first = next(iter(images.values()))
     aspect = first.shape[0] / first.shape[1]
     fig, axes = panel_grid(len(images), (5.0, 5.0 * aspect + 0.3), title=title, max_columns=max_columns)

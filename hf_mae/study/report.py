@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..visualize import BarPanel, Curve, bars_figure, curves_figure, history_series, image_tiles_figure, save_figure
-from .execute import is_finished, read_status
-from .plan import Study, Variant
+from .execute import RESULTS_FILE, is_finished, read_status
+from .plan import Run, Study, Variant
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +55,7 @@ def _run_cell(study: Study, status: dict[str, dict], name: str | None) -> _Cell:
     if name is None:  # the grid does not evaluate this variant this way
         return _Cell("–")
     run = study.run(name)
-    results = _read_json(run.output_dir / "results.json") if is_finished(run) else None
+    results = _read_json(run.output_dir / RESULTS_FILE) if is_finished(run) else None
     if results is None:
         return _Cell(status.get(name, {}).get("status", "not run") if name in status else "not run")
     values = {k: v for k, v in results.items() if isinstance(v, (int, float))}
@@ -186,7 +186,7 @@ def write_tables(study: Study, table: list[dict], status: dict[str, dict], out: 
 FIGURES = ("finetune_curves.png", "mask_ratio.png", "ablations.png", "pretrain_curves.png", "reconstructions.png")
 
 
-def _history(run) -> list[dict]:
+def _history(run: Run) -> list[dict]:
     return _read_json(run.output_dir / "log_history.json") or []
 
 
@@ -270,11 +270,8 @@ def collect_reconstructions(study: Study, out: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, src in found.items():
         shutil.copyfile(src, folder / f"{name}.png")
-    import matplotlib.image
-
-    images = {name: matplotlib.image.imread(src) for name, src in found.items()}
     title = f"Reconstructions on validation images ({study.name}, {study.scale} scale)"
-    return save_figure(image_tiles_figure(images, title), out / "reconstructions.png", dpi=150)
+    return save_figure(image_tiles_figure(found, title), out / "reconstructions.png", dpi=150)
 
 
 def _save(figure: Figure | None, path: Path) -> Path | None:
