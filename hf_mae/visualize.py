@@ -310,7 +310,10 @@ def training_curves_figure(log_history: Sequence[Mapping], title: str | None = N
 def plot_training_curves(log_history: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path | None:
     """Write [`training_curves_figure`] as a PNG; None (and no file) when there is nothing to plot."""
     fig = training_curves_figure(log_history, title)
-    return None if fig is None else save_figure(fig, path)
+    if fig is None:
+        logger.info("no series of the log history has two points: %s not written", path)
+        return None
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
