@@ -336,7 +336,7 @@ def test_push_to_hub_passes_through_with_recipe_card(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: mock.MagicMock(repo_id="user/tiny-mae"))
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     args = MAEPretrainingArguments(
-        output_dir=str(tmp_path / "pt"), per_device_train_batch_size=32, max_steps=2, warmup_steps=1,
+        output_dir=str(tmp_path / "pt"), per_device_train_batch_size=32, max_steps=2, warmup_steps=1, logging_steps=1,
         report_to="none", save_strategy="no", disable_tqdm=True, push_to_hub=True, hub_model_id="user/tiny-mae",
         hub_token="hf_fake", hub_strategy="end",
     )  # fmt: skip

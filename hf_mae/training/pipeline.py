@@ -38,7 +38,7 @@ from ..data import (
 from ..data.device_data import device_train_data
 from ..data.image_datasets import split_validation
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from ..visualize import plot_training_curves, save_reconstruction_grid
+from ..visualize import plot_training_curves, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
@@ -330,7 +330,8 @@ def _build_trainer(
 
 
 def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
-    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved)."""
+    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved),
+    also logged as an image to TensorBoard when the run reports there."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
     param = next(model.parameters())
@@ -340,11 +341,29 @@ def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: i
     was_training = model.training
     low_precision = param.dtype != torch.float32
     with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
-        save_reconstruction_grid(
-            model, images, Path(trainer.args.output_dir) / "reconstructions.png", noise=noise,
-            title=f"mask ratio {config.mask_ratio}",
-        )  # fmt: skip
+        figure = reconstruction_figure(model, images, noise=noise, title=f"mask ratio {config.mask_ratio}")
     model.train(was_training)
+    _log_figure_to_tensorboard(trainer, "reconstructions", figure)
+    save_figure(figure, Path(trainer.args.output_dir) / "reconstructions.png")
+
+
+def _log_figure_to_tensorboard(trainer: MAETrainer, tag: str, figure) -> None:
+    """`figure` as an image in the run's TensorBoard log, at the current step; nothing when it does not report there.
+
+    The TensorBoard callback closes its writer when training ends (an evaluation afterwards reopens it): without an
+    open one, a writer on the callback's own log dir adds the image to the same run.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if callback is None:
+        return
+    writer = callback.tb_writer or SummaryWriter(log_dir=callback.logging_dir)
+    writer.add_figure(tag, figure, global_step=trainer.state.global_step, close=False)
+    writer.flush()
+    if writer is not callback.tb_writer:
+        writer.close()
 
 
 def freeze_for_linear_probe(model: MAEForImageClassification) -> MAEForImageClassification:
