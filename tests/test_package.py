@@ -2,6 +2,7 @@
 examples/configs and accelerate_configs are symlinks to them), `--config NAME` with flags that win, the `hf-mae`
 console script / `python -m hf_mae`, and (slow) a wheel installed in a fresh venv, used from outside the checkout."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -162,8 +163,9 @@ def test_wheel_installed_in_a_fresh_venv_works_outside_the_checkout(tmp_path):
     shutil.copytree(ROOT / "hf_mae", source / "hf_mae", ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, source], check=True,
-                   timeout=600)  # fmt: skip
+    # this interpreter's setuptools when it has one (offline); else pip's isolated build fetches it
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-q", "-w", dist, source], check=True, timeout=600)
     (wheel,) = dist.glob("hf_mae-*.whl")
     import zipfile
 

@@ -668,6 +668,7 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         (["--grid", "seed", "--resources", "gpus"], "--resources takes KEY=VALUE, got 'gpus'"),
         (["--grid", "seed", "--resources", "gpu=1"], "unknown resources"),
         (["--grid", "seed", "--max_running", "2"], "--max_running apply to --executor submitit only"),
+        (["--grid", "seed", "--executor", "submitit", "--timeout", "60"], "--timeout is for the local executor"),
     ]:
         with pytest.raises(SystemExit):
             parse_study_args(argv)

@@ -89,6 +89,11 @@ def parse_study_args(argv: list[str] | None, default_grid: str | Path | None = N
             import submitit  # noqa: F401
         except ImportError:
             parser.error(SUBMITIT_MISSING)
+        if args.timeout is not None:
+            parser.error(
+                "--timeout is for the local executor; with submitit, set `time` in the grid's resources or "
+                "--resources time=HH:MM:SS (a job that runs out of it is requeued and resumes)"
+            )
     args.resources = _parse_resources(parser, args.resources)
     return args
 
