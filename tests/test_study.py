@@ -675,6 +675,8 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         assert message in capsys.readouterr().err, argv
     main(["--grid", "seed", "--scale", "full", "--dry-run", "--output_root", str(tmp_path / "s"), "--only",
           "mae_mask90", "--resources", "account=me"])  # fmt: skip
-    assert "[1/1] mae_mask90  kind=pretrain" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "[1/1] mae_mask90  kind=pretrain" in text
+    assert "resources=gpus=1,nodes=1,cpus=10,mem=64.0,time=480,account=me" in text  # the grid's, then --resources
     with pytest.raises(FileNotFoundError, match="no study grid named 'sed'.*study grids: seed"):
         main(["--grid", "sed", "--scale", "demo", "--dry-run"])

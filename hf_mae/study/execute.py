@@ -79,7 +79,8 @@ def prepared_command(study: Study, run: Run) -> tuple[list[str], str]:
 
 
 def format_plan(study: Study, runs: list[Run] | None = None) -> str:
-    """The dry-run listing: name, kind, depends-on, output dir, state and the exact command of every run."""
+    """The dry-run listing: name, kind, depends-on, output dir, state, resources (for a cluster; `time` in minutes,
+    `mem` in GB) and the exact command of every run."""
     runs = study.runs if runs is None else runs
     lines = [f"study {study.name!r}, scale {study.scale}: {len(runs)} runs into {study.output_root}"]
     if study.env:
@@ -87,9 +88,10 @@ def format_plan(study: Study, runs: list[Run] | None = None) -> str:
     for i, run in enumerate(runs, 1):
         command, state = prepared_command(study, run)
         state = f"will fail: {run.problem}" if run.problem and state != "done" else state
+        resources = ",".join(f"{k}={v}" for k, v in run.resources.items())
         lines += [
             f"[{i}/{len(runs)}] {run.name}  kind={run.kind}  depends_on={','.join(run.depends_on) or '-'}  "
-            f"output_dir={run.output_dir}  state={state}",
+            f"output_dir={run.output_dir}  state={state}" + (f"  resources={resources}" if resources else ""),
             "    " + shlex.join(command),
         ]
     return "\n".join(lines)
