@@ -243,8 +243,10 @@ def run_pretraining(
     model: MAEForPreTraining | None = None,
     trainer_cls: type[MAETrainer] = MAETrainer,
     extra_callbacks: list | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
+    """Pretrain an MAE (or, with `model` / `trainer_cls` / `trainer_kwargs={"teacher": ...}` from
+    hf_mae.training.dmae, a DMAE student)."""
 
     set_seed(training_args.seed)
     if model is None:
@@ -264,7 +266,9 @@ def run_pretraining(
     eval_ds = None
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], build_eval_transform(config.image_size, data_args.crop_pct))
-    trainer = _build_trainer(trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks)
+    trainer = _build_trainer(
+        trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks, **(trainer_kwargs or {})
+    )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
