@@ -110,8 +110,9 @@ def teacher_layout(
     return layer, grid * patch
 
 
-def fit_teacher_pos_embed(pos_embed: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
-    """Fit a square [1, 1 + n*n, D] position table (cls slot first) to a grid x grid patch grid.
+def _fit_pos_embed(pos_embed: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+    """Fit a square [1, 1 + n*n, D] position table (cls slot first) to a grid x grid patch grid (`teacher_layout`
+    has checked that a crop fits).
 
     `"interpolate"`: bicubic resize. `"center_crop"`: the central grid x grid cells, which is what the teacher sees when
     the resized image is zero-padded to its native resolution and the padding tokens are dropped (the seed).
@@ -157,7 +158,7 @@ class DMAETeacher(nn.Module):
         self.cls_token = encoder.cls_token
         self.blocks = nn.ModuleList(list(encoder.blocks)[: self.layer])
         grid = self.image_size // self.patch_size
-        table = fit_teacher_pos_embed(encoder.pos_embed.detach(), grid, pos_embed)
+        table = _fit_pos_embed(encoder.pos_embed.detach(), grid, pos_embed)
         self.pos_embed = nn.Parameter(table.clone(), requires_grad=False)
         self.requires_grad_(False)
         self.eval()
@@ -193,4 +194,4 @@ class DMAETeacher(nn.Module):
         return x  # no final norm: DMAE aligns raw block outputs
 
 
-__all__ = ["TEACHER_POS_EMBED", "DMAETeacher", "fit_teacher_pos_embed", "load_teacher", "teacher_layout"]
+__all__ = ["TEACHER_POS_EMBED", "DMAETeacher", "load_teacher", "teacher_layout"]
