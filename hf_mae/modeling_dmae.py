@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmae import DMAEConfig
-from .modeling_mae import MAEForPreTraining
+from .modeling_mae import MAEForPreTraining, MAEModel
 
 
 @dataclass
@@ -62,6 +62,18 @@ def build_projector(config: DMAEConfig) -> nn.Module:
     return nn.Sequential(nn.Linear(student, teacher), nn.GELU(), nn.Linear(teacher, teacher))
 
 
+class DMAEModel(MAEModel):
+    """A DMAE student's encoder: what `AutoModel` loads from a student directory (decoder and projector dropped).
+    `MAEModel` under the student's `DMAEConfig`: transformers' Auto classes pair each model class with one config
+    class."""
+
+    config_class = DMAEConfig
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[MAEModel]]:
+        return {"AutoModel": cls}
+
+
 class DMAEForPreTraining(MAEForPreTraining):
     """MAE student + projector. The distillation target, a frozen teacher's features on the same visible patches, is
     computed by [`~hf_mae.training.DMAETrainer`]."""
@@ -75,6 +87,10 @@ class DMAEForPreTraining(MAEForPreTraining):
         super().__init__(config)
         self.projector = build_projector(config)
         self.post_init()  # initialises the projector only: the parent's modules are already marked initialised
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[MAEForPreTraining]]:
+        return {"AutoModel": DMAEModel, "AutoModelForPreTraining": cls}
 
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "torch_default_init", False):
@@ -122,4 +138,4 @@ class DMAEForPreTraining(MAEForPreTraining):
         return result if return_dict is not False else result.to_tuple()
 
 
-__all__ = ["DMAEForPreTraining", "DMAEForPreTrainingOutput", "build_projector"]
+__all__ = ["DMAEModel", "DMAEForPreTraining", "DMAEForPreTrainingOutput", "build_projector"]

@@ -497,6 +497,7 @@ def test_remote_code_ships_only_model_files_and_loads_without_hf_mae(tmp_path):
     assert code == {
         "configuration_dmae.py",
         "configuration_mae.py",
+        "image_processing_mae.py",
         "modeling_dmae.py",
         "modeling_mae.py",
         "losses.py",

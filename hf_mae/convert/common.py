@@ -221,7 +221,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         config.update(
             num_labels=head.shape[0],
             head_type="linear" if "classifier.weight" in sd else "linear_probe",
-            pooling="mean" if "fc_norm.weight" in sd else "cls",
+            pooling="mean" if "mae.fc_norm.weight" in sd else "cls",
         )
     return config
 
@@ -328,7 +328,7 @@ def full_state_dict(model: MAEPreTrainedModel) -> StateDict:
 
 def _model_class(keys: Any) -> type[MAEPreTrainedModel]:
     has_decoder = any(k.startswith("decoder.") for k in keys)
-    has_head = any(k.startswith(("classifier.", "fc_norm.")) for k in keys)
+    has_head = any(k.startswith(("classifier.", "mae.fc_norm.")) for k in keys)
     if has_decoder and has_head:
         raise ValueError("checkpoint holds both a pretraining decoder and a classification head")
     if has_decoder:

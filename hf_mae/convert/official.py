@@ -48,7 +48,7 @@ OFFICIAL_TO_HF_MAE: tuple[tuple[str, str], ...] = (
     ("decoder_blocks.", "decoder.blocks."),
     ("decoder_norm.", "decoder.norm."),
     ("decoder_pred.", "decoder.pred."),
-    ("fc_norm.", "fc_norm."),
+    ("fc_norm.", "mae.fc_norm."),
     ("head.", "classifier."),
 )
 HF_MAE_TO_OFFICIAL = tuple((dst, src) for src, dst in OFFICIAL_TO_HF_MAE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate.utils import DynamoBackend
@@ -27,9 +26,9 @@ from ..configuration_dmae import (
 from ..convert import CHECKPOINT_KINDS
 from ..losses import FEATURE_LOSSES, feature_distillation_loss
 from ..modeling_dmae import DMAEForPreTraining
-from ..modeling_mae import MAEModel
+from ..modeling_mae import MAEModel, markdown_table
 from .arguments import FloatOrNone, MAEPretrainingArguments
-from .pipeline import DataArguments, ModelArguments, parse_overrides, run_pretraining
+from .pipeline import DataArguments, ModelArguments, load_config, pretraining_overrides, run_pretraining
 from .teacher import TEACHER_POS_EMBED, DMAETeacher, load_teacher, teacher_layout
 from .trainer import MAETrainer
 
@@ -237,16 +236,9 @@ class DMAETrainer(MAETrainer):
             "distill_weight": self.args.distill_weight,
         }
 
-    def create_model_card(self, **kwargs) -> None:
-        """MAETrainer's card plus the distillation spec."""
-        super().create_model_card(**kwargs)
-        card = Path(self.args.output_dir) / "README.md"
-        if not self.is_world_process_zero() or not card.exists():
-            return
-        rows = "".join(f"| {name} | {value} |\n" for name, value in self.distillation_spec().items())
-        card.write_text(
-            card.read_text(encoding="utf-8") + "\n## Distillation\n\n| field | value |\n|---|---|\n" + rows
-        )
+    def model_card_sections(self) -> list[tuple[str, str]]:
+        """MAETrainer's card sections plus the distillation spec."""
+        return [*super().model_card_sections(), ("Distillation", markdown_table(self.distillation_spec()))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,14 +249,9 @@ def build_distillation_config(
 ) -> DMAEConfig:
     """Student config from `model_name_or_path` (an MAE or DMAE directory) or the preset, with the MAE overrides of
     `config_overrides` / `mask_ratio`, the student overrides of the training arguments, and the teacher's width."""
-    overrides = parse_overrides(model_args.config_overrides)
-    if training_args.mask_ratio is not None:
-        overrides["mask_ratio"] = training_args.mask_ratio
+    overrides = pretraining_overrides(model_args, training_args)
     overrides.update({k: getattr(training_args, k) for k in STUDENT_FIELDS if getattr(training_args, k) is not None})
-    if model_args.model_name_or_path:
-        config = DMAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
-    else:
-        config = DMAEConfig.from_preset(model_args.preset, **overrides)
+    config = load_config(DMAEConfig, model_args, overrides)
     stated = config.teacher_hidden_size
     if stated is not None and stated != teacher_hidden_size:
         raise ValueError(
@@ -292,7 +279,9 @@ def build_distillation_model(
         training_args.teacher_image_size,
     )
     if model_args.model_name_or_path:
-        model = DMAEForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+        model = DMAEForPreTraining.from_pretrained(
+            model_args.model_name_or_path, config=config, **model_args.hub_kwargs()
+        )
     else:
         model = DMAEForPreTraining(config)
     logger.info(
