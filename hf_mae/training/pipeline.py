@@ -421,8 +421,10 @@ def run_pretraining(
     model: MAEForPreTraining | None = None,
     trainer_cls: type[MAETrainer] = MAETrainer,
     extra_callbacks: list | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
+    """Pretrain an MAE (or, with `model` / `trainer_cls` / `trainer_kwargs={"teacher": ...}` from
+    hf_mae.training.dmae, a DMAE student)."""
 
     set_seed(training_args.seed)
     if model is None:
@@ -446,7 +448,15 @@ def run_pretraining(
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], eval_transform)
     trainer = _build_trainer(
-        trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks, processing_class=processor
+        trainer_cls,
+        model,
+        training_args,
+        train,
+        eval_ds,
+        collator,
+        extra_callbacks,
+        processing_class=processor,
+        **(trainer_kwargs or {}),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
