@@ -34,7 +34,7 @@ from ..data import (
 )
 from ..data.device_data import device_train_data
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from ..visualize import plot_training_curves, save_reconstruction_grid
+from ..visualize import plot_training_curves, reconstruct, save_reconstruction_grid
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
@@ -203,7 +203,10 @@ def _build_trainer(
 
 
 def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
-    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved)."""
+    """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved).
+    Called on every process: under FSDP each forward gathers the shards from all of them; the main process writes."""
+    if not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
     param = next(model.parameters())
@@ -213,10 +216,13 @@ def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: i
     was_training = model.training
     low_precision = param.dtype != torch.float32
     with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
-        save_reconstruction_grid(
-            model, images, Path(trainer.args.output_dir) / "reconstructions.png", noise=noise,
-            title=f"mask ratio {config.mask_ratio}",
-        )  # fmt: skip
+        if trainer.is_world_process_zero():
+            save_reconstruction_grid(
+                model, images, Path(trainer.args.output_dir) / "reconstructions.png", noise=noise,
+                title=f"mask ratio {config.mask_ratio}",
+            )  # fmt: skip
+        else:
+            reconstruct(model, images, noise)  # the same forward, for its share of FSDP's all-gathers
     model.train(was_training)
 
 
@@ -269,7 +275,7 @@ def run_pretraining(
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
-    if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
+    if eval_ds is not None and data_args.num_reconstructions > 0:
         _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
     _finish(trainer, results, "pretraining", config.image_size, data_args.crop_pct)
     logger.info("pretraining results: %s", results)
