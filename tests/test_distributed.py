@@ -1,8 +1,10 @@
 """Every multi-process mode hf_mae advertises, exercised on CPU: two "machines" over loopback, FSDP2 really sharding
-(and resuming from its sharded checkpoint), and the refusals when sharding cannot be applied.
+(and resuming from its sharded checkpoint), the refusals when sharding cannot be applied, and streamed data read by
+each process from its own files.
 
-The runs launch tests/scripts/ddp_finetune.py (4 deterministic fine-tuning steps, the third one's loss NaN on one
-process) and compare with one process at the same global batch."""
+The training runs launch tests/scripts/ddp_finetune.py (4 deterministic fine-tuning steps, the third one's loss NaN
+on one process) and compare with one process at the same global batch; the streaming run launches
+tests/scripts/stream_ids.py, which records the ids of the samples each process trained on."""
 
 import json
 import os
@@ -207,3 +209,122 @@ def test_a_sharded_checkpoint_is_complete_only_with_its_metadata(tmp_path):
     assert ".metadata" in incomplete_reason(checkpoint)  # a kill during the sharded save
     (checkpoint / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"written last")
     assert incomplete_reason(checkpoint) is None
+
+
+# -- streaming -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parquet_folder(tmp_path_factory) -> Path:
+    """4 train files of 10 images (ids 0-39) and a validation file of 6 (ids 100-105), columns `image` and `id`."""
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("parquet")
+    g = torch.Generator().manual_seed(0)
+
+    def image() -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    files = [(f"train-{i:05d}-of-00004.parquet", range(10 * i, 10 * i + 10)) for i in range(4)]
+    files.append(("validation-00000-of-00001.parquet", range(100, 106)))
+    for name, ids in files:
+        Dataset.from_dict({"image": [image() for _ in ids], "id": list(ids)}).to_parquet(folder / name)
+    return folder
+
+
+def test_streaming_needs_step_counts_and_reads_per_process(tmp_path):
+    from hf_mae.data.streaming import prepare_training_for_stream
+    from hf_mae.training import MAEPretrainingArguments
+
+    def args(**kwargs):
+        return MAEPretrainingArguments(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+    with pytest.raises(ValueError, match="--max_steps"):
+        prepare_training_for_stream(args(warmup_steps=1))  # epochs only
+    with pytest.raises(ValueError, match="warmup_epochs=40 .* --warmup_steps"):
+        prepare_training_for_stream(args(max_steps=10))  # the recipe's warm-up in epochs
+    with pytest.raises(ValueError, match="eval_strategy=epoch"):
+        prepare_training_for_stream(args(max_steps=10, warmup_steps=1, eval_strategy="epoch"))
+    with pytest.raises(ValueError, match="save_strategy=epoch"):
+        prepare_training_for_stream(args(max_steps=10, warmup_steps=1, save_strategy="epoch"))
+    ready = args(max_steps=10, warmup_steps=1)
+    prepare_training_for_stream(ready)
+    assert ready.accelerator_config.dispatch_batches is False  # each process reads its own files
+
+
+def test_streaming_load_data_shuffles_transforms_and_reads_validation_once(parquet_folder):
+    from datasets import Dataset, IterableDataset
+
+    from hf_mae.data import apply_transform, build_pretrain_transform
+    from hf_mae.training import DataArguments
+    from hf_mae.training.pipeline import load_data
+
+    data_args = DataArguments(
+        dataset_name=str(parquet_folder), streaming=True, label_column_name="id", max_eval_samples=4
+    )
+    ds = load_data(data_args, image_size=16, seed=0)
+    assert isinstance(ds["train"], IterableDataset) and isinstance(ds["validation"], Dataset)
+    assert sorted(ds["validation"]["label"]) == [100, 101, 102, 103]  # the first --max_eval_samples, kept on disk
+    train = apply_transform(ds["train"], build_pretrain_transform(16))  # the recipe's own transform
+    epochs = []
+    for epoch in (0, 1):
+        train.set_epoch(epoch)  # what the Trainer does each epoch
+        examples = list(train)
+        assert all(tuple(e["pixel_values"].shape) == (3, 16, 16) for e in examples)
+        epochs.append([e["label"] for e in examples])
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(40))  # shuffled, and again each epoch
+    limited = load_data(DataArguments(**{**data_args.__dict__, "max_train_samples": 12}), image_size=16, seed=0)
+    assert len(list(limited["train"])) == 12
+
+
+def test_streaming_refuses_what_it_cannot_stream(tmp_path, parquet_folder):
+    from hf_mae.training import DataArguments, MAEPretrainingArguments, ModelArguments, run_finetuning, run_pretraining
+    from hf_mae.training.pipeline import knn_datasets, load_data
+
+    for bad in (dict(dataset_name="digits"), dict(device_data=True), dict(train_dir="images/")):
+        with pytest.raises(ValueError, match="--streaming"):
+            load_data(DataArguments(**{"dataset_name": str(parquet_folder), **bad, "streaming": True}), 16)
+    with pytest.raises(ValueError, match="k-NN monitor"):
+        knn_datasets(DataArguments(dataset_name=str(parquet_folder), streaming=True))(16, 0)
+    with pytest.raises(ValueError, match="--max_steps"):  # the runs check the arguments before reading anything
+        run_pretraining(
+            ModelArguments(preset="demo-tiny-32"),
+            DataArguments(dataset_name=str(parquet_folder), streaming=True),
+            MAEPretrainingArguments(output_dir=str(tmp_path), report_to="none"),
+        )
+    # plain integer ids are no classes to fine-tune on
+    args = MAEFinetuningArguments(output_dir=str(tmp_path), report_to="none", max_steps=2, warmup_steps=1)
+    data_args = DataArguments(dataset_name=str(parquet_folder), streaming=True, label_column_name="id")
+    with pytest.raises(ValueError, match="ClassLabel"):
+        run_finetuning(ModelArguments(preset="demo-tiny-32"), data_args, args)
+
+
+@pytest.mark.slow
+def test_streaming_two_processes_read_distinct_files_covering_the_split(tmp_path, parquet_folder):
+    out = tmp_path / "stream"
+    command = _launch_args("cpu_2proc.yaml", "--main_process_port", str(_free_port()))
+    # 12 steps of 4 per process: two passes over each process's 20 images (its 2 files, one per loader worker)
+    command += [str(ROOT / "tests" / "scripts" / "stream_ids.py"), str(parquet_folder), str(out), "12", "4"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    finished = all((out / f"rank{r}.json").exists() for r in (0, 1))
+    assert result.returncode == 0 or (finished and TEARDOWN_ABORT in result.stderr), result.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    seen = [[i for batch in r["batches"] for i in batch] for r in ranks]
+    assert all(len(ids) == 40 for ids in seen)
+    first, second = [ids[:20] for ids in seen], [ids[20:] for ids in seen]
+    for rank in (0, 1):
+        assert len(set(first[rank])) == 20  # one pass: every image of its share once
+        assert sorted(second[rank]) == sorted(first[rank]) and second[rank] != first[rank]  # reshuffled by set_epoch
+    # each process read its own files (2 of the 4), not slices of batches that process 0 read from all of them
+    files = [{i // 10 for i in ids} for ids in first]
+    assert len(files[0]) == len(files[1]) == 2 and not files[0] & files[1]
+    assert not set(first[0]) & set(first[1])  # distinct samples on each process
+    assert set(first[0]) | set(first[1]) == set(range(40))  # together, the whole split
+    assert all(r["validation"] == list(range(100, 106)) for r in ranks)

@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
 from ..data import (
+    TINY_IMAGENET_HUB_ID,
     ClassificationCollator,
     PretrainCollator,
     apply_transform,
@@ -33,6 +34,7 @@ from ..data import (
     load_tiny_imagenet,
 )
 from ..data.device_data import device_train_data
+from ..data.streaming import load_streaming_dataset, materialize, prepare_training_for_stream, shuffle_stream
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from ..visualize import plot_training_curves, reconstruct, save_reconstruction_grid
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
@@ -82,6 +84,15 @@ class DataArguments:
     crop_pct: float = field(default=0.875, metadata={"help": "eval: resize to size / crop_pct, then center crop"})
     cache_dir: str | None = field(default=None)
     num_reconstructions: int = field(default=8, metadata={"help": "validation images in the reconstruction PNG"})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "read the train split as training goes (a datasets IterableDataset: a Hub id or local data folder "
+            "given as --dataset_name, never downloaded whole), each process its own files; needs --max_steps and "
+            "warm-up / eval / save in steps. --max_train_samples then takes the stream's first examples; the "
+            "validation split (its first --max_eval_samples) is read once into the cache"
+        },
+    )
     device_data: bool = field(
         default=False,
         metadata={
@@ -109,7 +120,29 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 
 
 def load_data(data_args: DataArguments, image_size: int, seed: int = 0):
-    """DatasetDict {train, validation} with `image` and (when labelled) `label` columns."""
+    """DatasetDict {train, validation} with `image` and (when labelled) `label` columns; with `--streaming` the
+    train split is a shuffled `IterableDataset` (hf_mae.data.streaming)."""
+    if data_args.streaming:
+        if (
+            data_args.train_dir
+            or data_args.validation_dir
+            or data_args.dataset_name == "digits"
+            or data_args.device_data
+        ):
+            raise ValueError(
+                "--streaming reads a Hub dataset or a local data folder given as --dataset_name; it does not combine "
+                "with --train_dir / --validation_dir, the built-in digits or --device_data"
+            )
+        name = data_args.dataset_name
+        if name == "tiny-imagenet":
+            name = data_args.tiny_imagenet_source or TINY_IMAGENET_HUB_ID
+        streams = load_streaming_dataset(
+            name, data_args.image_column_name, data_args.label_column_name, data_args.cache_dir
+        )
+        ds = {"train": shuffle_stream(streams["train"], seed, data_args.max_train_samples)}
+        if "validation" in streams:
+            ds["validation"] = materialize(streams["validation"], data_args.max_eval_samples, data_args.cache_dir)
+        return ds
     if data_args.train_dir or data_args.validation_dir:
         ds = load_image_dataset(
             train_dir=data_args.train_dir,
@@ -142,6 +175,11 @@ def knn_datasets(data_args: DataArguments) -> Callable[[int, int], tuple]:
     `data_args` name, each shuffled with `seed`, with the eval transform (resize + center crop)."""
 
     def load(image_size: int, seed: int) -> tuple:
+        if data_args.streaming:
+            raise ValueError(
+                "the k-NN monitor indexes its memory images, which a stream cannot: with --streaming give the "
+                "monitor its data (KNNMonitor(train_dataset=..., eval_dataset=...)) or leave --knn_eval_steps 0"
+            )
         ds = load_data(data_args, image_size, seed)
         if "validation" not in ds or "label" not in ds["train"].column_names:
             raise ValueError("the k-NN monitor needs a labelled dataset with train and validation splits")
@@ -261,6 +299,8 @@ def run_pretraining(
             else MAEForPreTraining(config)
         )
     config = model.config
+    if data_args.streaming:
+        prepare_training_for_stream(training_args)
     ds = load_data(data_args, config.image_size, training_args.seed)
     if data_args.device_data:
         train, collator = device_train_data(ds["train"], config.image_size, training_args, training_args.pretrain_aug)
@@ -296,10 +336,18 @@ def run_finetuning(
         config = MAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
     else:
         config = MAEConfig.from_preset(model_args.preset, **overrides)
+    if data_args.streaming:
+        prepare_training_for_stream(training_args)
     ds = load_data(data_args, config.image_size, training_args.seed)
-    if "label" not in ds["train"].column_names:
+    if "label" not in (ds["train"].column_names or []):
         raise ValueError("fine-tuning needs a labelled dataset: the train split has no `label` column")
+    if "validation" not in ds:
+        raise ValueError("fine-tuning needs a validation split; the dataset has only train")
     names = get_label_names(ds["train"])
+    if not names:
+        raise ValueError(
+            "fine-tuning needs the class names: the train split's `label` column is not a datasets ClassLabel"
+        )
     config.update(
         dict(
             num_labels=len(names),
