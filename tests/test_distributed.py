@@ -328,3 +328,30 @@ def test_streaming_two_processes_read_distinct_files_covering_the_split(tmp_path
     assert not set(first[0]) & set(first[1])  # distinct samples on each process
     assert set(first[0]) | set(first[1]) == set(range(40))  # together, the whole split
     assert all(r["validation"] == list(range(100, 106)) for r in ranks)
+
+
+# -- the GPU suite's multi-GPU entry -------------------------------------------------------------------------------
+
+
+def test_gpu_suite_measures_ddp_scaling_on_several_gpus_and_says_why_not_on_one():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_all", ROOT / "benchmarks" / "bench_all.py")
+    bench_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_all)
+    for quick in (False, True):
+        runs = {name: command for name, command, _ in bench_all.suite("cuda", quick, "seed-vit-b8-64", gpus=4)}
+        command = runs["ddp_scaling"]
+        assert command[1].endswith("bench_scaling.py") and command[command.index("--processes") + 1] == "4"
+        assert list(runs).index("ddp_scaling") == 5  # right after the five runs a quick suite keeps
+        skipped = dict((name, command) for name, command, _ in bench_all.suite("cuda", quick, "x", gpus=1))
+        assert skipped["ddp_scaling"] == "1 GPU on this machine: DDP scaling needs at least two"
+    assert "ddp_scaling" not in {name for name, _, _ in bench_all.suite("cpu", False, "demo-tiny-32")}
+    # the command each measurement runs: torchrun of the scaling script's worker on that many processes
+    spec = importlib.util.spec_from_file_location("bench_scaling", ROOT / "benchmarks" / "bench_scaling.py")
+    bench_scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scaling)
+    args = bench_scaling.argparse.Namespace(device="cuda", preset="p", dtype="bf16", batch=None, steps=7, warmup=None)
+    worker = bench_scaling.worker_command(args, 4, Path("out.json"))
+    assert worker[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    assert worker[-6:] == ["--dtype", "bf16", "--steps", "7", "--json", "out.json"] and "--worker" in worker
