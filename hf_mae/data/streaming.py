@@ -34,6 +34,7 @@ def load_streaming_dataset(
     image_column_name: str = "image",
     label_column_name: str = "label",
     cache_dir: str | None = None,
+    **load_kwargs,
 ) -> IterableDatasetDict:
     """Open a Hub dataset or a local folder of data files (parquet, images, ...) as a stream.
 
@@ -44,6 +45,8 @@ def load_streaming_dataset(
             Renamed to `image` / `label`.
         cache_dir (`str`, *optional*):
             `datasets` cache directory.
+        load_kwargs:
+            Passed to `datasets.load_dataset`: the dataset configuration name, `token`, `trust_remote_code`.
 
     Returns:
         `datasets.IterableDatasetDict` with `train` (and `validation` when the source has a `validation`, `valid` or
@@ -51,7 +54,7 @@ def load_streaming_dataset(
     """
     from datasets import IterableDatasetDict, load_dataset
 
-    streams = load_dataset(dataset_name, streaming=True, cache_dir=cache_dir)
+    streams = load_dataset(dataset_name, streaming=True, cache_dir=cache_dir, **load_kwargs)
     if "train" not in streams:
         raise ValueError(f"--streaming: {dataset_name} has no train split; splits: {sorted(streams)}")
     alias = next((name for name in _VALIDATION_ALIASES if name in streams), None)
