@@ -51,9 +51,10 @@ def _patch_timm_posterize() -> None:
 
 
 if TYPE_CHECKING:
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, IterableDataset
 
 PRETRAIN_AUGS = ("standard", "3augment", "3augment_seed")
+STREAM_MAP_BATCH = 32
 FINETUNE_AUGS = ("small", "full")
 BICUBIC = InterpolationMode.BICUBIC
 
@@ -312,13 +313,21 @@ def make_transform_fn(
 
 
 def apply_transform(
-    dataset: Dataset | DatasetDict,
+    dataset: Dataset | DatasetDict | IterableDataset,
     transform: Callable[[Image.Image], torch.Tensor],
     image_column: str = "image",
     label_column: str = "label",
-) -> Dataset | DatasetDict:
-    """`dataset.with_transform(make_transform_fn(...))` with the image column left undecoded for the transform."""
+) -> Dataset | DatasetDict | IterableDataset:
+    """`dataset.with_transform(make_transform_fn(...))` with the image column left undecoded for the transform; for a
+    streamed `IterableDataset` (which has no `with_transform`) the same function is mapped lazily as it is read."""
     from datasets import Image as ImageFeature
+    from datasets import IterableDataset
 
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    return dataset.with_transform(make_transform_fn(transform, image_column, label_column))
+    transform_fn = make_transform_fn(transform, image_column, label_column)
+    if isinstance(dataset, IterableDataset):
+        # small batches: the transformed images of a whole batch are held at once in each data loader worker
+        return dataset.map(
+            transform_fn, batched=True, batch_size=STREAM_MAP_BATCH, remove_columns=dataset.column_names
+        )
+    return dataset.with_transform(transform_fn)

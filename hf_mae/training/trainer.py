@@ -17,6 +17,16 @@ from transformers import Trainer
 
 from ..data import apply_mixup
 from ..modeling_mae import MAEForImageClassification, default_model_card, markdown_table
+from .fsdp import (
+    FSDP_MODEL_NAME,
+    check_fsdp_applied,
+    check_model_sharded,
+    enable_fsdp2_on_cpu,
+    incomplete_sharded_model,
+    load_sharded_model,
+    plain_model,
+    sharded_model_dirs,
+)
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -94,11 +104,14 @@ def newest_finite_checkpoint(output_dir: str | Path) -> Path | None:
     checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) is not None]
     for checkpoint in sorted(checkpoints, key=checkpoint_step, reverse=True):
         files = sorted(checkpoint.glob("*.safetensors"))
+        sharded = sharded_model_dirs(checkpoint)  # FSDP's SHARDED_STATE_DICT: no safetensors in the checkpoint
         try:
-            finite = bool(files)
+            finite = bool(files or sharded)
             for file in files:
                 with safe_open(str(file), framework="pt") as f:
                     finite = finite and not _nonfinite_tensors({k: f.get_tensor(k) for k in f.keys()})
+            for folder in sharded:
+                finite = finite and not _nonfinite_tensors(load_sharded_model(folder))
         except (OSError, RuntimeError, ValueError):  # unreadable: not a checkpoint to resume from
             finite = False
         if finite:
@@ -134,8 +147,11 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
     if step is not None and state.get("global_step") != step:
         return f"trainer_state.json is for step {state.get('global_step')}"
     weights = sorted(checkpoint.glob("*.safetensors"))
-    if not weights:
-        return "no weights (*.safetensors)"
+    if not weights and not sharded_model_dirs(checkpoint):
+        return f"no weights (*.safetensors or a sharded {FSDP_MODEL_NAME}_0)"
+    sharded_reason = incomplete_sharded_model(checkpoint)
+    if sharded_reason is not None:
+        return sharded_reason
     for file in weights:
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -217,7 +233,13 @@ def _disk_error(error: Exception, path: Path) -> OSError | None:
 
 def _nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """1.0 on the device when any gradient the optimizer will apply holds NaN/inf (no host sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    # FSDP2 (DTensor) gradients: each process checks its own shard; the caller's all-reduce covers the others
+    grads = [
+        p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
     if not grads:
         return None
     norms = torch._foreach_norm(grads)  # fused per device and dtype; a NaN/inf element makes its norm NaN/inf
@@ -248,6 +270,21 @@ class MAETrainer(Trainer):
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
         self._optimizer_steps = 0
+        self._saving_checkpoint = False
+        self._sharding_checked = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, then FSDP made real: on CPU processes accelerate would run an FSDP2 launch as
+        plain DDP, so its FSDP state is set here; FSDP requested but not set up is a `ValueError`."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp2_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type
+            ):
+                # as the Trainer checks on GPUs: such a checkpoint would hold no model at all
+                raise ValueError("save_only_model is not compatible with FSDP state dict type 'SHARDED_STATE_DICT'")
+        check_fsdp_applied(self.accelerator, self.args)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -361,6 +398,7 @@ class MAETrainer(Trainer):
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True  # save_model: a checkpoint keeps FSDP's sharded model as it is
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError) as error:
@@ -368,6 +406,8 @@ class MAETrainer(Trainer):
             if full is None:
                 raise
             raise full from error
+        finally:
+            self._saving_checkpoint = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as `Trainer.save_model` (checkpoints and the final model go through here), but never weights that
@@ -384,12 +424,36 @@ class MAETrainer(Trainer):
                 + _resume_hint(self.args.output_dir)
             )
         try:
-            super().save_model(output_dir, _internal_call=_internal_call)
+            if self._gathers_for_save():
+                # the Trainer writes nothing here under FSDP's SHARDED_STATE_DICT (checkpoints get the shards): the
+                # final model is gathered (a collective: every process) and saved as a plain save_pretrained dir
+                state_dict = self.accelerator.get_state_dict(self.model)  # full on the main process only
+                sharded = self.model
+                if self.args.should_save:
+                    self.model = plain_model(self.accelerator.unwrap_model(sharded), state_dict)
+                try:
+                    self._save(output_dir, state_dict=state_dict)
+                finally:
+                    self.model = sharded
+                if self.args.push_to_hub and not _internal_call:
+                    self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            else:
+                super().save_model(output_dir, _internal_call=_internal_call)
         except (OSError, RuntimeError) as error:
             full = _disk_error(error, Path(output_dir or self.args.output_dir))
             if full is None:
                 raise
             raise full from error
+
+    def _gathers_for_save(self) -> bool:
+        """FSDP with a sharded state dict, saving the model outside a checkpoint."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return (
+            self.is_fsdp_enabled
+            and not self._saving_checkpoint
+            and plugin is not None
+            and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+        )
 
     @property
     def nonfinite_steps_skipped(self) -> int:
@@ -404,6 +468,9 @@ class MAETrainer(Trainer):
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self.is_fsdp_enabled and not self._sharding_checked:  # what trains is what the config asked for
+            check_model_sharded(model, self.accelerator.state.fsdp_plugin.fsdp_version)
+            self._sharding_checked = True
         if self.mixup is not None:
             inputs = self._prepare_inputs(inputs)
             inputs["pixel_values"], inputs["labels"] = apply_mixup(
