@@ -1,15 +1,30 @@
-"""Fail-safe training: non-finite gradients never reach the weights, non-finite weights are never saved."""
+"""Fail-safe training: non-finite gradients never reach the weights, non-finite weights are never saved, a killed run
+resumes exactly, bad input is a clear error."""
 
+import functools
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from helpers import TINY
 from test_fast_path import _common_args, _device_pretraining_data, _same, _Snapshots
+from transformers import TrainerCallback
 
-from hf_mae import MAEConfig, MAEForPreTraining
+from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining
+from hf_mae.data import (
+    ClassificationCollator,
+    PretrainCollator,
+    apply_transform,
+    build_finetune_transform,
+    build_mixup,
+    build_pretrain_transform,
+)
+from hf_mae.data.device_data import DeviceAugmentCollator, DeviceImageDataset
 from hf_mae.training import (
     DataArguments,
+    MAEFinetuningArguments,
     MAEPretrainingArguments,
     MAETrainer,
     ModelArguments,
@@ -263,3 +278,149 @@ def test_from_pretrained_with_truncated_weights_names_the_directory(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"{tmp_path}: a \*\.safetensors weights file is truncated or corrupt"):
         MAEForPreTraining.from_pretrained(tmp_path)
+
+
+# -- exact resume mid-epoch ------------------------------------------------------------------------------------------
+
+
+class _StopAfterSave(TrainerCallback):
+    """Ends the process's run right after checkpoint `step` is written, as a kill would (tests/scripts/
+    sigkill_after_save.py kills for real)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Stopped
+
+
+class _Stopped(Exception):
+    pass
+
+
+@functools.cache
+def _image_dataset(n: int = 40):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def _resume_run(out, task: str, device_data: bool, stop_at=None, resume=None, **overrides) -> dict:
+    """8 steps of 8 images from 40 (5 steps per epoch), a checkpoint every 3: steps 3 and 6 are mid-epoch."""
+    transformers.set_seed(0)
+    data = _image_dataset()
+    args = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=8, warmup_steps=2, save_steps=3,
+                save_strategy="steps", logging_steps=100, report_to="none", disable_tqdm=True, seed=0,
+                base_learning_rate=None, learning_rate=1e-3, dataloader_num_workers=0)  # fmt: skip
+    args.update(overrides)
+    if device_data:
+        images = torch.stack([torch.tensor(np.asarray(image)).permute(2, 0, 1) for image in data["image"]])
+        train = DeviceImageDataset(images, torch.tensor(data["label"]))
+        collator = DeviceAugmentCollator(train, 16, seed=0)
+    mixup = None
+    if task == "pretrain":
+        model = MAEForPreTraining(MAEConfig(**TINY))
+        args = MAEPretrainingArguments(**args)
+        if not device_data:
+            train, collator = apply_transform(data, build_pretrain_transform(16)), PretrainCollator()
+    else:  # MAE's full fine-tuning recipe: RandAugment, random erasing, Mixup / CutMix, drop path
+        model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.1))
+        args = MAEFinetuningArguments(**args)
+        if not device_data:
+            train = apply_transform(data, build_finetune_transform(16, "full", re_prob=0.5))
+            collator = ClassificationCollator()
+        mixup = build_mixup("full", 3)
+    callbacks = [_StopAfterSave(stop_at)] if stop_at else []
+    trainer = MAETrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=callbacks,
+                         mixup=mixup)  # fmt: skip
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except _Stopped:
+        return {}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "task, device_data, overrides",
+    [
+        pytest.param("pretrain", False, {}, id="pretrain"),
+        pytest.param("finetune", False, {}, id="finetune-randaugment-mixup-droppath"),
+        pytest.param("pretrain", True, {}, id="pretrain-device-data"),
+        pytest.param("finetune", True, {}, id="finetune-device-data-mixup", marks=pytest.mark.slow),
+        pytest.param(
+            "pretrain",
+            False,
+            {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+            id="accumulation",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_resume_mid_epoch_matches_the_uninterrupted_run(task, device_data, overrides, tmp_path):
+    # stopped after checkpoint-3 (epoch 0, step 3 of 5), resumed and stopped after checkpoint-6 (epoch 1, step 1 of
+    # 5), resumed to the end: every augmentation, mask and drop-path draw must be the uninterrupted run's
+    full = _resume_run(tmp_path / "full", task, device_data, **overrides)
+    killed = tmp_path / "killed"
+    _resume_run(killed, task, device_data, stop_at=3, **overrides)
+    _resume_run(killed, task, device_data, stop_at=6, resume=str(killed / "checkpoint-3"), **overrides)
+    resumed = _resume_run(killed, task, device_data, resume="latest", **overrides)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.allclose(full[key], resumed[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_with_persistent_workers(tmp_path):
+    overrides = dict(dataloader_num_workers=2, dataloader_persistent_workers=True)
+    full = _resume_run(tmp_path / "full", "finetune", False, **overrides)
+    killed = tmp_path / "killed"
+    _resume_run(killed, "finetune", False, stop_at=6, **overrides)
+    resumed = _resume_run(killed, "finetune", False, resume="latest", **overrides)
+    for key in full:
+        assert torch.allclose(full[key], resumed[key], atol=1e-6), key
+
+
+def _epoch_draws(dataset, epochs: int, **loader_kwargs) -> list[torch.Tensor]:
+    # a generator of its own for the workers' base seed, as MAETrainer gives its train loader
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, generator=torch.Generator(), **loader_kwargs)
+    draws = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        draws.append(torch.cat([batch for batch in loader]))
+    return draws
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(()) + 10 * i
+
+
+def test_batch_augmentation_depends_on_seed_epoch_and_indices_only():
+    from hf_mae.data.seeding import EpochSeededDataset
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    in_process = _epoch_draws(EpochSeededDataset(_RandomItems(), seed=0), 3)
+    assert torch.equal(torch.get_rng_state(), before)  # data loading left the global generator alone
+    assert not torch.equal(in_process[0], in_process[1]) and not torch.equal(in_process[1], in_process[2])
+    # the same draws in (persistent) worker processes, which see each new epoch
+    workers = _epoch_draws(EpochSeededDataset(_RandomItems(), seed=0), 3, num_workers=2, persistent_workers=True)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, workers))
+    assert not torch.equal(in_process[0], _epoch_draws(EpochSeededDataset(_RandomItems(), seed=1), 1)[0])
+
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    collator = DeviceAugmentCollator(DeviceImageDataset(images), image_size=16, seed=0)
+    first = collator([4, 1])["pixel_values"]
+    collator([0, 2])  # what came before does not matter
+    assert torch.equal(collator([4, 1])["pixel_values"], first)
+    collator.set_epoch(1)
+    assert not torch.equal(collator([4, 1])["pixel_values"], first)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..data import apply_mixup
+from ..data.device_data import DeviceImageDataset
+from ..data.seeding import EpochSeeded, EpochSeededDataset
 from ..modeling_mae import default_model_card
 from .optim import param_groups
 
@@ -205,6 +207,19 @@ def _nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | Non
     return (~torch.isfinite(total)).float()
 
 
+class _SetDataEpoch(TrainerCallback):
+    """Tells the train dataset and the collator which epoch starts, for their per-batch seeds (on resume mid-epoch,
+    `state.epoch` is the fraction reached, e.g. 1.6 in epoch 1)."""
+
+    def __init__(self, trainer: MAETrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for holder in (self.trainer._seeded_train, self.trainer.data_collator):
+            if isinstance(holder, EpochSeeded):
+                holder.set_epoch(int(state.epoch or 0))
+
+
 class MAETrainer(Trainer):
     """`transformers.Trainer` with what MAE recipes need and the stock one lacks:
 
@@ -217,16 +232,46 @@ class MAETrainer(Trainer):
       so a run stops at most `max_nonfinite_steps - 1` steps after the limit is reached;
     - evaluation draws its random masks from `args.seed`, so `eval_loss` is comparable across evaluations;
     - `mixup` (a timm `Mixup`, from `hf_mae.data.build_mixup`) mixes training batches on the device; evaluation
-      batches keep their hard labels.
+      batches keep their hard labels;
+    - a run resumed from any checkpoint, mid-epoch too, takes the steps the uninterrupted run takes: the train
+      dataset is read through `hf_mae.data.seeding.EpochSeededDataset`, so each batch's augmentation is drawn from
+      (seed, epoch, its sample indices) and data loading, however far it prefetches, leaves the generators that the
+      model's mask noise, drop path and Mixup draw from (and that checkpoints save) untouched. The device data
+      path's collator seeds its batches the same way.
     """
 
     def __init__(self, *args, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
+        self._seeded_train: EpochSeededDataset | None = None
+        self.add_callback(_SetDataEpoch(self))
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
         self._optimizer_steps = 0
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = self.train_dataset
+        # the device data path's items are bare indices: its collator seeds the batches itself
+        if dataset is not None and not isinstance(dataset, (torch.utils.data.IterableDataset, DeviceImageDataset)):
+            if self._seeded_train is None or self._seeded_train.dataset is not dataset:
+                self._seeded_train = EpochSeededDataset(dataset, self.args.seed)
+            dataset = self._seeded_train
+        if dataset is None:
+            return super().get_train_dataloader()  # its error
+        loader = self._get_dataloader(
+            dataset=dataset,
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+        # Each DataLoader iterator draws its workers' base seed when it starts. From the global generator, that draw
+        # would shift the model's random stream whenever a resumed run starts more iterators than the uninterrupted
+        # one did (persistent workers start once per loader, and resuming adds a loader). The batches are seeded by
+        # (seed, epoch, indices), so the workers' own seeds do not matter.
+        getattr(loader, "base_dataloader", loader).generator = torch.Generator().manual_seed(self.args.seed)
+        return loader
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
