@@ -3,6 +3,7 @@ resumes exactly, bad input is a clear error."""
 
 import functools
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,11 +96,11 @@ def _pretrain_args(tmp_path, **overrides) -> MAEPretrainingArguments:
     return MAEPretrainingArguments(**_common_args(tmp_path, save_strategy="steps", save_steps=2, **overrides))
 
 
-def _trainer(args) -> MAETrainer:
+def _trainer(args, **kwargs) -> MAETrainer:
     torch.manual_seed(0)
     dataset, collator = _device_pretraining_data()
     return MAETrainer(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=dataset,
-                      data_collator=collator)  # fmt: skip
+                      data_collator=collator, **kwargs)  # fmt: skip
 
 
 def test_a_finished_run_is_not_overwritten_without_the_flag(tmp_path):
@@ -142,6 +143,67 @@ def test_resume_latest_skips_incomplete_checkpoints(tmp_path, caplog):
     assert trainer.state.global_step == 6
     with pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_resume_checkpoint(True, tmp_path / "empty")
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL in-process: no `except Exception` and no cleanup handler of the trainer sees it."""
+
+
+def test_a_kill_during_a_save_leaves_no_checkpoint_that_looks_complete(tmp_path, caplog, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    save_rng_state = MAETrainer._save_rng_state
+
+    def killed_at_step_4(self, output_dir):  # weights, optimizer and scheduler of checkpoint-4 are written by now
+        if self.state.global_step == 4:
+            raise _Killed
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(MAETrainer, "_save_rng_state", killed_at_step_4)
+    with pytest.raises(_Killed):
+        _trainer(_pretrain_args(tmp_path, max_steps=6)).train()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["_partial-checkpoint-4", "checkpoint-2"]
+    assert (tmp_path / "_partial-checkpoint-4" / "model.safetensors").is_file()  # the kill came mid-save
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")  # for transformers' own lookup too
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "_partial-checkpoint-4: the save of that checkpoint was interrupted" in caplog.text
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=6, save_total_limit=2))
+    trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 6
+    # the interrupted save was redone, and rotation kept the newest two
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-6"]
+    assert all(incomplete_reason(tmp_path / name) is None for name in ("checkpoint-4", "checkpoint-6"))
+
+
+def test_atomic_checkpoints_hold_what_the_stock_trainer_writes(tmp_path, monkeypatch):
+    """The same files, rotation and best-model tracking as `transformers.Trainer._save_checkpoint`, whose steps
+    MAETrainer._write_checkpoint repeats: this fails if a transformers release writes something more."""
+    import json
+
+    import transformers
+
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    eval_images = [{"pixel_values": image, "label": 0} for image in images]
+    best = dict(eval_strategy="steps", eval_steps=2, save_total_limit=1, load_best_model_at_end=True,
+                metric_for_best_model="loss", greater_is_better=True)  # fmt: skip
+    runs = {}
+    for name in ("stock", "atomic"):
+        if name == "stock":
+            monkeypatch.setattr(MAETrainer, "_save_checkpoint", transformers.Trainer._save_checkpoint)
+        trainer = _trainer(_pretrain_args(tmp_path / name, max_steps=6, **best), eval_dataset=eval_images)
+        trainer.train()
+        monkeypatch.undo()
+        checkpoints = sorted(p for p in (tmp_path / name).iterdir() if p.is_dir())
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        runs[name] = (
+            [(p.name, sorted(f.name for f in p.iterdir())) for p in checkpoints],
+            Path(state["best_model_checkpoint"]).name,
+            {k: v for k, v in state.items() if k not in ("best_model_checkpoint", "log_history")},
+        )
+    assert runs["atomic"] == runs["stock"]
+    # rotation and the end of training (save_total_limit=1 with load_best_model_at_end) kept the best checkpoint only
+    assert [name for name, _ in runs["stock"][0]] == [runs["stock"][1]]
 
 
 def test_full_disk_says_no_space_and_names_the_path(tmp_path, monkeypatch):
