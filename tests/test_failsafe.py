@@ -486,3 +486,65 @@ def test_batch_augmentation_depends_on_seed_epoch_and_indices_only():
     assert torch.equal(collator([4, 1])["pixel_values"], first)
     collator.set_epoch(1)
     assert not torch.equal(collator([4, 1])["pixel_values"], first)
+
+
+# -- data errors a user can act on -----------------------------------------------------------------------------------
+
+
+def _image_folder(root: Path, files: dict[str, bytes | None]) -> Path:
+    """`root/<relative path>`: a real PNG for None, else the given bytes; a path ending in "/" is an empty folder."""
+    import io
+
+    from PIL import Image
+
+    for rel, data in files.items():
+        path = root / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+            data = buffer.getvalue()
+        path.write_bytes(data)
+    return root
+
+
+def test_a_folder_without_a_readable_image_names_the_folder(tmp_path):
+    from hf_mae.data import load_image_dataset
+
+    for layout in ({"cat/a.jpg": b"not an image", "dog/b.png": b"\x89PNG"}, {"a.jpg": b"", "b.png": b"xx"}):
+        root = _image_folder(tmp_path / f"train{len(layout)}{next(iter(layout))[0]}", layout)
+        with pytest.raises(ValueError, match=rf"No readable image in {root}: none of its 2 image file"):
+            load_image_dataset(train_dir=str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_train_class_folder_without_images_is_an_error_naming_it(tmp_path, caplog):
+    from hf_mae.data import load_image_dataset
+
+    cache = str(tmp_path / "cache")
+    train = _image_folder(tmp_path / "train", {"cat/a.png": None, "cat/b.png": None, "dog/": None, "emu/c.png": None})
+    with pytest.raises(ValueError, match=rf"1 class folder\(s\) of {train} hold no readable image: {train / 'dog'}\."):
+        load_image_dataset(train_dir=str(train), cache_dir=cache)
+    # a class whose only files cannot be decoded has no image either (found after decoding)
+    (train / "dog" / "broken.jpg").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=rf"hold no readable image: {train / 'dog'}\."):
+        load_image_dataset(train_dir=str(train), cache_dir=cache)
+    # in a validation folder it is a warning: the classes come from train
+    (train / "dog" / "d.png").write_bytes((train / "cat" / "a.png").read_bytes())
+    val = _image_folder(tmp_path / "val", {"cat/a.png": None, "dog/": None, "emu/b.png": None})
+    dataset = load_image_dataset(train_dir=str(train), validation_dir=str(val), cache_dir=cache)
+    assert dataset["train"].features["label"].names == ["cat", "dog", "emu"] and len(dataset["validation"]) == 2
+    assert f"1 class folder(s) of {val} hold no readable image: {val / 'dog'}" in caplog.text
+
+
+def test_a_tiny_imagenet_class_without_train_images_is_an_error_naming_it(tmp_path):
+    from hf_mae.data import load_tiny_imagenet
+
+    root = _image_folder(tmp_path / "tiny-imagenet-200", {"train/n01/images/n01_0.JPEG": None,
+                                                          "train/n02/images/": None, "val/images/val_0.JPEG": None})  # fmt: skip
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t7\t7\n")
+    with pytest.raises(ValueError, match=r"class folder\(s\) of .*train hold no readable image: .*train/n02/images\."):
+        load_tiny_imagenet(str(root), cache_dir=str(tmp_path / "cache"))
