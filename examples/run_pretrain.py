@@ -9,8 +9,11 @@
     # flags instead of a file; a tiny CPU run on the built-in digits:
     python examples/run_pretrain.py --dataset_name digits --preset demo-tiny-32 --output_dir outputs/pt \
         --num_train_epochs 2 --warmup_epochs 1 --per_device_train_batch_size 64
-    # your own images (imagefolder layout) or any Hub dataset:
-    python examples/run_pretrain.py --train_dir data/train --validation_dir data/val --output_dir outputs/pt ...
+    # a recipe file, then flags that win over it:
+    python examples/run_pretrain.py examples/configs/pretrain_mask90.yaml --mask_ratio 0.8 --no_norm_pix_loss
+    # your own images (imagefolder layout; --train_val_split of train held out without --validation_dir) or any Hub
+    # dataset, with run_mae.py's flags (--dataset_config_name, --config_name, --token, --model_revision, ...):
+    python examples/run_pretrain.py --train_dir data/train --train_val_split 0.1 --output_dir outputs/pt ...
     python examples/run_pretrain.py --dataset_name zh-plus/tiny-imagenet --output_dir outputs/pt ...
 """
 

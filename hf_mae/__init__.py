@@ -9,7 +9,8 @@ from transformers import (
 
 from .configuration_dmae import DMAEConfig
 from .configuration_mae import PRESETS, MAEConfig
-from .modeling_dmae import DMAEForPreTraining
+from .image_processing_mae import build_image_processor
+from .modeling_dmae import DMAEForPreTraining, DMAEModel
 from .modeling_mae import (
     MAEForImageClassification,
     MAEForPreTraining,
@@ -19,19 +20,22 @@ from .modeling_mae import (
 
 __version__ = "0.1.0"
 
-# `import hf_mae` makes the Auto classes know our model type ...
+# `import hf_mae` makes the Auto classes know our model types ...
 AutoConfig.register(MAEConfig.model_type, MAEConfig)
 AutoModel.register(MAEConfig, MAEModel)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification)
 AutoConfig.register(DMAEConfig.model_type, DMAEConfig)
+AutoModel.register(DMAEConfig, DMAEModel)
 AutoModelForPreTraining.register(DMAEConfig, DMAEForPreTraining)
-# ... and every save_pretrained ships the code, so `trust_remote_code=True` loads it where hf_mae is not installed.
+# ... and every save_pretrained ships the code, with an `auto_map` naming each Auto class the directory fits (see
+# `MAEPreTrainedModel._auto_classes`), so `trust_remote_code=True` loads it where hf_mae is not installed.
 MAEConfig.register_for_auto_class()
 MAEModel.register_for_auto_class("AutoModel")
 MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 DMAEConfig.register_for_auto_class()
+DMAEModel.register_for_auto_class("AutoModel")
 DMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
@@ -42,5 +46,7 @@ __all__ = [
     "MAEForPreTraining",
     "MAEForImageClassification",
     "DMAEConfig",
+    "DMAEModel",
     "DMAEForPreTraining",
+    "build_image_processor",
 ]

@@ -1,9 +1,9 @@
 """The training commands: one function per command, shared by the example scripts, `python -m hf_mae` and the
 reproduction study's worker runs.
 
-Each command parses its dataclass arguments (HfArgumentParser flags, or a YAML/JSON file as sole argument) and runs
-the matching pipeline; `pretrain` and `distill` also take the flags of [`~hf_mae.training.knn.KNNArguments`] and pass
-the k-NN monitor to the run as an extra callback.
+Each command parses its dataclass arguments (HfArgumentParser flags, after an optional YAML/JSON file that they
+override) and runs the matching pipeline; `pretrain` and `distill` also take the flags of
+[`~hf_mae.training.knn.KNNArguments`] and pass the k-NN monitor to the run as an extra callback.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .training import (
     run_finetuning,
     run_pretraining,
 )
+from .training.pipeline import knn_datasets
 
 
 def _log_level(training_args) -> None:
@@ -36,7 +37,8 @@ def _pretrain_like(arguments, run, argv: list[str] | None) -> dict:
         (ModelArguments, DataArguments, arguments, KNNArguments), argv
     )
     _log_level(training_args)
-    monitor = KNNMonitor.from_args(knn_args, data_args)  # --knn_eval_steps N logs k-NN top-1 every N steps
+    # --knn_eval_steps N logs k-NN top-1 every N steps, on the run's data and evaluation preprocessing
+    monitor = KNNMonitor.from_args(knn_args, data_args, load_datasets=knn_datasets(data_args, model_args))
     return run(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
 
 

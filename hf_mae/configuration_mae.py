@@ -90,6 +90,11 @@ class MAEConfig(PretrainedConfig):
             followed by `fc_norm`, MAE fine-tuning) or `"cls"` (final-normed cls token, MAE linear probing).
         head_type (`str`, defaults to `"linear"`): `"linear"` or `"linear_probe"` (BatchNorm without affine +
             Linear; the linear-probe run freezes the encoder).
+        use_fc_norm (`bool`, *optional*): the encoder's layout, recorded by the model built on this config so that a
+            saved directory's encoder reloads as it was (`MAEModel` / `AutoModel`): `True` when it ends in `fc_norm`
+            over the mean patch token instead of the final LayerNorm (a `pooling="mean"` classifier, MAE's fine-tuning
+            ViT), `False` otherwise (pretraining, `pooling="cls"`). `None` (a config never built into a model):
+            `True` only for a config saved by a mean-pooling `MAEForImageClassification`.
         initializer_range (`float`, defaults to 0.02): std of the cls and mask tokens.
         head_init_std (`float`, defaults to 2e-5): std of the fine-tuning head (MAE uses trunc-normal 2e-5).
     """
@@ -119,6 +124,7 @@ class MAEConfig(PretrainedConfig):
         head_type: str = "linear",
         initializer_range: float = 0.02,
         head_init_std: float = 2e-5,
+        use_fc_norm: bool | None = None,
         **kwargs,
     ):
         self.image_size = image_size
@@ -142,6 +148,7 @@ class MAEConfig(PretrainedConfig):
         self.head_type = head_type
         self.initializer_range = initializer_range
         self.head_init_std = head_init_std
+        self.use_fc_norm = use_fc_norm
         super().__init__(**kwargs)
         self.validate_architecture()
 
@@ -191,6 +198,8 @@ class MAEConfig(PretrainedConfig):
             raise ValueError(f"MAEConfig.pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"MAEConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+        if self.use_fc_norm is not None and not isinstance(self.use_fc_norm, bool):
+            raise ValueError(f"MAEConfig.use_fc_norm must be None, True or False, got {self.use_fc_norm!r}")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
@@ -202,6 +211,13 @@ class MAEConfig(PretrainedConfig):
     def update(self, config_dict: dict[str, Any]) -> None:
         super().update(config_dict)
         self.validate_architecture()
+
+    @property
+    def encoder_uses_fc_norm(self) -> bool:
+        """`use_fc_norm`, or for a config never built into a model, whether a mean-pooling classifier saved it."""
+        if self.use_fc_norm is not None:
+            return self.use_fc_norm
+        return self.pooling == "mean" and "MAEForImageClassification" in (self.architectures or ())
 
     @property
     def num_patches(self) -> int:

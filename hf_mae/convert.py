@@ -103,7 +103,7 @@ _OFFICIAL_TO_HF_MAE: tuple[tuple[str, str], ...] = (
     ("decoder_blocks.", "decoder.blocks."),
     ("decoder_norm.", "decoder.norm."),
     ("decoder_pred.", "decoder.pred."),
-    ("fc_norm.", "fc_norm."),
+    ("fc_norm.", "mae.fc_norm."),
     ("head.", "classifier."),
 )
 _HF_MAE_TO_OFFICIAL = tuple((dst, src) for src, dst in _OFFICIAL_TO_HF_MAE)
@@ -290,7 +290,7 @@ def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         config.update(
             num_labels=head.shape[0],
             head_type="linear" if "classifier.weight" in sd else "linear_probe",
-            pooling="mean" if "fc_norm.weight" in sd else "cls",
+            pooling="mean" if "mae.fc_norm.weight" in sd else "cls",
         )
     return config
 
@@ -370,7 +370,7 @@ def _full_state_dict(model: MAEPreTrainedModel) -> StateDict:
 
 def _model_class(keys: Any) -> type[MAEPreTrainedModel]:
     has_decoder = any(k.startswith("decoder.") for k in keys)
-    has_head = any(k.startswith(("classifier.", "fc_norm.")) for k in keys)
+    has_head = any(k.startswith(("classifier.", "mae.fc_norm.")) for k in keys)
     if has_decoder and has_head:
         raise ValueError("checkpoint holds both a pretraining decoder and a classification head")
     if has_decoder:

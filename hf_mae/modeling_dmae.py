@@ -159,6 +159,18 @@ def build_projector(config: DMAEConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
+class DMAEModel(MAEModel):
+    """A DMAE student's encoder: what `AutoModel` loads from a student directory (decoder and projector dropped).
+    `MAEModel` under the student's `DMAEConfig`: transformers' Auto classes pair each model class with one config
+    class."""
+
+    config_class = DMAEConfig
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[MAEModel]]:
+        return {"AutoModel": cls}
+
+
 class DMAEForPreTraining(MAEForPreTraining):
     """MAE student + projector, distilled from a frozen teacher held outside the module tree.
 
@@ -188,6 +200,10 @@ class DMAEForPreTraining(MAEForPreTraining):
             self._attach(teacher)  # fills the teacher fields the projector needs
         self.projector = build_projector(config)
         self.post_init()  # initialises the projector only: the parent's modules are already marked initialised
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[MAEForPreTraining]]:
+        return {"AutoModel": DMAEModel, "AutoModelForPreTraining": cls}
 
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "torch_default_init", False):
@@ -305,6 +321,7 @@ class DMAEForPreTraining(MAEForPreTraining):
 
 
 __all__ = [
+    "DMAEModel",
     "DMAEForPreTraining",
     "DMAEForPreTrainingOutput",
     "build_projector",

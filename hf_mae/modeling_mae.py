@@ -12,15 +12,21 @@ loss functions, so `save_pretrained` can ship it as remote code that loads witho
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import math
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -28,7 +34,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_mae import MAEConfig
+from .configuration_mae import MAEConfig, check_mask_ratio
+from .image_processing_mae import build_image_processor
 from .losses import classification_loss, mae_reconstruction_loss
 
 logger = logging.getLogger(__name__)
@@ -84,19 +91,26 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
 @dataclass
 class MAEModelOutput(ModelOutput):
     """
+    transformers' `BaseModelOutputWithPooling` (first `last_hidden_state`, then `pooler_output`, `hidden_states`) plus
+    the masking.
+
     Args:
-        last_hidden_state: [B, 1 + kept, D] encoder output (cls first), after the final LayerNorm.
+        last_hidden_state: [B, 1 + kept, D] encoder output (cls first), after the final LayerNorm (none in the
+            `use_fc_norm` layout: the raw output of the last block, as timm's `forward_features`).
+        pooler_output: [B, D] one feature per image: `fc_norm` of the mean patch token in the `use_fc_norm` layout
+            (MAE's fine-tuning feature), else the final-normed cls token (MAE's linear-probe feature).
+        hidden_states: embeddings + each block's output, before the final norm (with `output_hidden_states`).
         mask: [B, L], 0 = visible, 1 = removed (all zeros without masking).
         ids_restore: [B, L], the permutation that undoes the shuffle of `random_masking`.
         ids_keep: [B, kept], indices of the visible patches, in the order the encoder saw them.
-        hidden_states: embeddings + each block's output, before the final norm (with `output_hidden_states`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     mask: torch.LongTensor | None = None
     ids_restore: torch.LongTensor | None = None
     ids_keep: torch.LongTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -306,12 +320,56 @@ class MAEPreTrainedModel(PreTrainedModel):
                 "Convert foreign checkpoints with `python -m hf_mae.convert`, or pass strict=False to load partially."
             )
 
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[PreTrainedModel]]:
+        """Every Auto class a directory saved from this class loads into, with the class each one gives.
+
+        Any MAE checkpoint holds an encoder (`AutoModel`, what `pipeline("image-feature-extraction")` loads) and can
+        start a classifier (`AutoModelForImageClassification`, with a new head when it has none).
+        """
+        return {"AutoModel": MAEModel, "AutoModelForImageClassification": MAEForImageClassification}
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) plus a model card if none is there."""
+        """`PreTrainedModel.save_pretrained` (safetensors, config, remote code) with every Auto class the directory
+        fits in `auto_map`, plus an image processor and a model card where the directory has none."""
+        if self.is_remote_code():  # registered for an Auto class (by `import hf_mae`, or by a remote-code load)
+            # transformers adds only the saved class to `auto_map`, next to whatever the checkpoint this model was
+            # loaded from listed; rebuild it so that each Auto class the directory fits, and only those, loads it
+            # with `trust_remote_code=True`. Every class named here lives in the files transformers ships with it.
+            self.config.auto_map = {
+                auto_class: f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
+                for auto_class, model_class in self._auto_classes().items()
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
-        card = Path(save_directory) / "README.md"
-        if kwargs.get("is_main_process", True) and not card.exists():
-            card.write_text(default_model_card(self), encoding="utf-8")
+        if kwargs.get("is_main_process", True):
+            self._save_image_processor(Path(save_directory))
+            card = Path(save_directory) / "README.md"
+            if not card.exists():
+                default_model_card(self).save(card)
+
+    def _save_image_processor(self, directory: Path) -> None:
+        """Write the evaluation preprocessing the model expects (`preprocessor_config.json`, transformers'
+        `BitImageProcessor`: loads without hf_mae), so `pipeline(model=directory)` works. A processor already there
+        for this image size is kept (a training run writes its own, with its crop_pct)."""
+        path = directory / "preprocessor_config.json"
+        size = self.config.image_size
+        if self.config.num_channels != 3:
+            if not path.exists():
+                logger.warning(
+                    "%s: no image processor saved: hf_mae's preprocessing is RGB, the model takes %d channels",
+                    directory,
+                    self.config.num_channels,
+                )
+            return
+        if path.exists():
+            try:
+                crop = json.loads(path.read_text(encoding="utf-8")).get("crop_size")
+            except (OSError, ValueError, AttributeError):
+                crop = None
+            if crop == {"height": size, "width": size}:
+                return
+            logger.warning("%s: replacing %s (crop size %s) by one for %d px images", directory, path.name, crop, size)
+        build_image_processor(size).save_pretrained(directory)
 
     def push_to_hub(
         self,
@@ -350,58 +408,141 @@ class MAEPreTrainedModel(PreTrainedModel):
             )
 
 
-def default_model_card(model: MAEPreTrainedModel) -> str:
-    """A model card from the config alone; training code writes a richer one with the recipe and results."""
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    task = "image-classification" if isinstance(model, MAEForImageClassification) else "image-feature-extraction"
-    return f"""---
-library_name: transformers
-pipeline_tag: {task}
-tags:
-- hf_mae
-- mae
-- masked-autoencoder
-- vision
-- self-supervised
+# The card's body, rendered by huggingface_hub's `ModelCard.from_template` (Jinja); the metadata comes from a
+# `ModelCardData` as `card_data`.
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {type(model).__name__} (hf_mae)
+# {{ title }}
 
-Vision Transformer trained with the Masked Autoencoder recipe, saved by
-[hf_mae](https://github.com/hf-mae/hf_mae).
+{{ summary }}
 
-| field | value |
-|---|---|
-| image size / patch | {c.image_size} / {c.patch_size} |
-| encoder | {c.hidden_size} wide, {c.num_hidden_layers} blocks, {c.num_attention_heads} heads |
-| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} blocks, {c.decoder_num_attention_heads} heads |
-| mask ratio | {c.mask_ratio} |
-| norm_pix_loss | {c.norm_pix_loss} |
-| parameters | {n_params / 1e6:.2f} M |
+## Architecture
 
+{{ architecture }}
+{% for heading, text in sections %}
+## {{ heading }}
+
+{{ text }}
+{% endfor %}
 ## Use
 
 ```python
 import hf_mae  # registers the classes; or pass trust_remote_code=True without hf_mae installed
-from transformers import AutoModel
-model = AutoModel.from_pretrained("path/or/repo")
+from transformers import {{ auto_class }}
+model = {{ auto_class }}.from_pretrained("path/or/repo")
 ```
 """
+
+
+def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("field", "value")) -> str:
+    """`{name: value}` as a two-column markdown table (floats with 6 significant digits)."""
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {f'{v:.6g}' if isinstance(v, float) else v} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def is_hub_model_id(name: str | None) -> bool:
+    """True for a name that can only mean a Hub repo (not an existing local path): what a card's `base_model` may
+    hold; the Hub refuses a card whose `base_model` is a local path."""
+    if not name or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def default_model_card(
+    model: MAEPreTrainedModel,
+    card_data: ModelCardData | None = None,
+    title: str | None = None,
+    summary: str | None = None,
+    base_model: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+) -> ModelCard:
+    """The model card of `model`, through huggingface_hub: the metadata of `card_data` (license, datasets, eval
+    results, ...) completed with the library, pipeline tag, tags and `base_model` (when a Hub id), and a body saying
+    what the model is, its architecture, `sections` (heading, markdown) and how to load it.
+
+    Without `summary` it states only what the config shows (training code knows how the weights were trained and
+    says so); `base_model` is the checkpoint the weights started from, named in the body whatever it is.
+    """
+    c = model.config
+    classifier = isinstance(model, MAEForImageClassification)
+    pretraining = isinstance(model, MAEForPreTraining)
+    data = card_data or ModelCardData()
+    data.library_name = "transformers"
+    data.pipeline_tag = data.pipeline_tag or ("image-classification" if classifier else "image-feature-extraction")
+    own_tags = ["hf_mae", "vision", "vit"] + (["mae", "masked-autoencoder", "self-supervised"] if pretraining else [])
+    data.tags = list(dict.fromkeys([*(data.tags or []), *own_tags]))
+    if base_model and data.base_model is None and is_hub_model_id(base_model):
+        data.base_model = base_model
+    rows = {"image size / patch": f"{c.image_size} / {c.patch_size}"}
+    rows["encoder"] = f"{c.hidden_size} wide, {c.num_hidden_layers} blocks, {c.num_attention_heads} heads"
+    if pretraining:
+        rows["decoder"] = (
+            f"{c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} blocks, {c.decoder_num_attention_heads} heads"
+        )
+        rows["mask ratio"] = c.mask_ratio
+        rows["norm_pix_loss"] = c.norm_pix_loss
+    if classifier:
+        rows["head"] = f"{c.pooling} pooling, {c.head_type} head, {c.num_labels} classes"
+    rows["parameters"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+    if summary is None:
+        kind = (
+            "a Masked Autoencoder (MAE): the ViT encoder sees the visible patches, a light decoder reconstructs the "
+            "removed ones"
+            if pretraining
+            else "an image classifier: ViT encoder + head"
+            if classifier
+            else "a ViT encoder"
+        )
+        summary = f"{type(model).__name__} from [hf_mae](https://github.com/hf-mae/hf_mae), {kind}."
+        if base_model:
+            summary += f" Weights loaded from `{base_model}`."
+    auto_class = (
+        "AutoModelForImageClassification" if classifier else "AutoModelForPreTraining" if pretraining else "AutoModel"
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=MODEL_CARD_TEMPLATE,
+        title=title or f"{type(model).__name__} (hf_mae)",
+        summary=summary,
+        architecture=markdown_table(rows),
+        sections=list(sections),
+        auto_class=auto_class,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------------------------------
 class MAEModel(MAEPreTrainedModel):
-    """The ViT encoder. With a mask ratio > 0 it sees only the visible patches (MAE pretraining); with
-    `mask_ratio=0.0` it encodes the whole image in order (fine-tuning, features)."""
+    """The ViT encoder. Given `noise` or a `mask_ratio` it sees only the visible patches (MAE pretraining); called
+    without either it encodes every patch, in order (features, fine-tuning), the same on every call.
 
-    # a pretraining (MAE or DMAE) checkpoint loads its encoder here; decoder and projector are dropped
-    _allowed_unexpected_keys = (r"^decoder\.", r"^projector\.")
+    Two layouts, as timm's ViT: the pretraining one ends in the final LayerNorm and pools the cls token (MAE's
+    linear-probe feature); with `use_fc_norm` the final norm is not built and `fc_norm` normalises the mean patch
+    token (MAE's fine-tuning feature). `pooler_output` is that feature, so `AutoModel` on a fine-tuned directory gives
+    what its classification head saw.
 
-    def __init__(self, config: MAEConfig, add_final_norm: bool = True):
+    Args:
+        config: the architecture.
+        use_fc_norm: the layout; `None` takes `config.encoder_uses_fc_norm` (a saved encoder's own layout). It is
+            recorded in `config.use_fc_norm`, so the saved directory reloads with it.
+    """
+
+    # a pretraining (MAE or DMAE) checkpoint loads its encoder here, decoder and projector dropped; a fine-tuned
+    # one without its head, as transformers' ViTModel loads a ViTForImageClassification checkpoint
+    _allowed_unexpected_keys = (r"^decoder\.", r"^projector\.", r"^classifier\.")
+
+    def __init__(self, config: MAEConfig, use_fc_norm: bool | None = None):
         super().__init__(config)
+        self.use_fc_norm = config.encoder_uses_fc_norm if use_fc_norm is None else use_fc_norm
+        config.use_fc_norm = self.use_fc_norm
         self.grid_size = (config.image_size // config.patch_size,) * 2
         self.patch_embed = MAEPatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -419,7 +560,9 @@ class MAEModel(MAEPreTrainedModel):
             )
             for i in range(config.num_hidden_layers)
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_norm else nn.Identity()
+        # MAE's fine-tuning ViT (global pool) replaces the final norm by fc_norm after pooling
+        self.norm = nn.Identity() if self.use_fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if self.use_fc_norm else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -484,15 +627,22 @@ class MAEModel(MAEPreTrainedModel):
         r"""
         Args:
             pixel_values: [B, C, H, W] normalised images.
-            noise: [B, L] values whose argsort decides the mask (small = kept); fixes the mask for tests.
-            mask_ratio: overrides `config.mask_ratio`; 0.0 encodes every patch in order (no shuffle).
+            noise: [B, L] values whose argsort decides the mask (small = kept); masks at `mask_ratio`, or at
+                `config.mask_ratio` when that is not given.
+            mask_ratio: fraction of patches removed, in (0, 1), drawing the mask from `noise` or at random
+                (`MAEForPreTraining` passes `config.mask_ratio`). `None` or 0.0 without `noise`: no masking, every
+                patch in order.
             interpolate_pos_encoding: accept other resolutions by resizing the position table.
             output_hidden_states: also return the embeddings and every block's output (before the final norm).
         """
-        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        if noise is not None and mask_ratio is None:
+            mask_ratio = self.config.mask_ratio
+        if noise is not None and mask_ratio == 0:
+            raise ValueError("MAEModel: noise draws a mask, but mask_ratio=0.0 asks for none; pass one or the other")
         x = self.embed(pixel_values, interpolate_pos_encoding)  # [B, L, D]
         B, L, _ = x.shape
-        if mask_ratio > 0:
+        if mask_ratio:
+            check_mask_ratio(mask_ratio, owner="MAEModel.forward")
             x, mask, ids_restore, ids_keep = self.random_masking(x, mask_ratio, noise)
         else:
             mask = x.new_zeros(B, L)
@@ -505,7 +655,8 @@ class MAEModel(MAEPreTrainedModel):
             if output_hidden_states:
                 hidden_states += (x,)
         x = self.norm(x)
-        out = MAEModelOutput(x, mask, ids_restore, ids_keep, hidden_states)
+        pooled = self.fc_norm(x[:, 1:].mean(dim=1)) if self.fc_norm is not None else x[:, 0]  # [B, D]
+        out = MAEModelOutput(x, pooled, hidden_states, mask, ids_restore, ids_keep)
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -547,9 +698,13 @@ class MAEForPreTraining(MAEPreTrainedModel):
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
-        self.mae = MAEModel(config)
+        self.mae = MAEModel(config, use_fc_norm=False)
         self.decoder = MAEDecoder(config)
         self.post_init()
+
+    @classmethod
+    def _auto_classes(cls) -> dict[str, type[PreTrainedModel]]:
+        return {**super()._auto_classes(), "AutoModelForPreTraining": cls}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.mae.patch_embed
@@ -593,6 +748,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
         enc = self.mae(
             pixel_values,
             noise=noise,
+            mask_ratio=self.config.mask_ratio,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
         )
@@ -610,22 +766,21 @@ class MAEForPreTraining(MAEPreTrainedModel):
 # Classification (fine-tuning and linear probing)
 # ----------------------------------------------------------------------------------------------------------------------
 class MAEForImageClassification(MAEPreTrainedModel):
-    """Encoder on all patches + head. `pooling="mean"`: average of patch tokens -> `fc_norm` -> head (MAE fine-tuning,
-    the encoder's final norm unused and not built). `pooling="cls"`: final-normed cls token -> head.
-    `head_type="linear_probe"`: BatchNorm without affine + Linear (MAE linear probing). Freezing the encoder is the
-    linear-probe run's choice (`hf_mae.training.pipeline.freeze_for_linear_probe`), not the model's."""
+    """Encoder on all patches + head on its `pooler_output`. `pooling="mean"`: average of patch tokens -> `fc_norm`
+    (held by the encoder, whose final norm is not built) -> head (MAE fine-tuning). `pooling="cls"`: final-normed cls
+    token -> head. `head_type="linear_probe"`: BatchNorm without affine + Linear (MAE linear probing). Freezing the
+    encoder is the linear-probe run's choice (`hf_mae.training.pipeline.freeze_for_linear_probe`), not the model's.
+    Checkpoints saved before `fc_norm` moved into the encoder (key `fc_norm.*`) load unchanged: transformers adds the
+    `mae.` prefix."""
 
-    _allowed_missing_keys = (r"^classifier\.", r"^fc_norm\.")
+    _allowed_missing_keys = (r"^classifier\.", r"^mae\.fc_norm\.")
     _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.", r"^projector\.")
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.mae = MAEModel(config, add_final_norm=config.pooling == "cls")
+        self.mae = MAEModel(config, use_fc_norm=config.pooling == "mean")
         self.mae.pos_embed.requires_grad_(True)  # learnable in fine-tuning, as in MAE
-        self.fc_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pooling == "mean" else nn.Identity()
-        )
         linear = nn.Linear(config.hidden_size, config.num_labels)
         linear.head_init_std = 0.01 if config.head_type == "linear_probe" else config.head_init_std
         if config.head_type == "linear_probe":
@@ -636,6 +791,20 @@ class MAEForImageClassification(MAEPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.mae.patch_embed
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # a checkpoint without a head (a pretraining directory) gives a random classifier: say so loudly, as
+        # transformers does, since `pipeline("image-classification")` would otherwise predict noise silently
+        new_head = any(key.startswith("classifier.") for key in loading_info.missing_keys)
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        if new_head:
+            logger.warning(
+                "%s holds no classification head: the %d-label classifier of %s is newly initialised (random), so its "
+                "predictions mean nothing until it is fine-tuned",
+                _STRICT_LOADING.get()[1],
+                self.config.num_labels,
+                type(self).__name__,
+            )
 
     def forward(
         self,
@@ -657,9 +826,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
         )
-        x = enc.last_hidden_state
-        features = self.fc_norm(x[:, 1:].mean(dim=1)) if self.config.pooling == "mean" else x[:, 0]
-        logits = self.classifier(features)
+        logits = self.classifier(enc.pooler_output)
         loss = classification_loss(logits, labels) if labels is not None else None
         out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=enc.hidden_states)
         return out if return_dict is not False else out.to_tuple()

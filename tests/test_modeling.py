@@ -140,10 +140,19 @@ def test_classification_labels_and_soft_targets():
 
 
 def test_cls_pooling_uses_final_norm():
-    model = MAEForImageClassification(tiny_config(num_labels=3, pooling="cls"))
-    assert isinstance(model.mae.norm, torch.nn.LayerNorm) and isinstance(model.fc_norm, torch.nn.Identity)
-    mean_model = MAEForImageClassification(tiny_config(num_labels=3))
-    assert isinstance(mean_model.mae.norm, torch.nn.Identity)
+    model = MAEForImageClassification(tiny_config(num_labels=3, pooling="cls")).eval()
+    assert isinstance(model.mae.norm, torch.nn.LayerNorm) and model.mae.fc_norm is None
+    assert model.config.use_fc_norm is False
+    x = torch.randn(2, 3, 16, 16)
+    enc = model.mae(x)
+    assert torch.equal(enc.pooler_output, enc.last_hidden_state[:, 0])
+    assert torch.equal(model(x).logits, model.classifier(enc.pooler_output))
+    mean_model = MAEForImageClassification(tiny_config(num_labels=3)).eval()
+    assert isinstance(mean_model.mae.norm, torch.nn.Identity) and mean_model.config.use_fc_norm is True
+    # the recipe's feature: fc_norm of the mean patch token, held by the encoder so AutoModel gives it too
+    enc = mean_model.mae(x)
+    assert torch.allclose(enc.pooler_output, mean_model.mae.fc_norm(enc.last_hidden_state[:, 1:].mean(1)))
+    assert torch.equal(mean_model(x).logits, mean_model.classifier(enc.pooler_output))
 
 
 def test_interpolate_pos_encoding():
@@ -227,13 +236,34 @@ def test_bad_inputs():
         model(torch.randn(1, 3, 18, 18), interpolate_pos_encoding=True)
 
 
-def test_encoder_without_masking_keeps_order():
+def test_encoder_masks_only_when_asked():
     model = MAEModel(tiny_config()).eval()
     x = torch.randn(2, 3, 16, 16)
-    out = model(x, mask_ratio=0.0, output_hidden_states=True)
+    # no noise, no mask_ratio: every patch in order, the same on every call (features, pipelines)
+    out = model(x, output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 17, 32)
     assert torch.all(out.mask == 0) and torch.equal(out.ids_restore[0], torch.arange(16))
     assert len(out.hidden_states) == 3  # embeddings + 2 blocks
+    assert torch.equal(model(x).last_hidden_state, out.last_hidden_state)
+    assert torch.equal(model(x, mask_ratio=0.0).last_hidden_state, out.last_hidden_state)
+    # the pretraining layout pools the final-normed cls token
+    assert out.pooler_output.shape == (2, 32) and torch.equal(out.pooler_output, out.last_hidden_state[:, 0])
+    # noise alone masks at config.mask_ratio (0.75: 4 of 16 kept); an explicit ratio wins
+    noise = torch.rand(2, 16)
+    assert model(x, noise=noise).last_hidden_state.shape == (2, 5, 32)
+    assert model(x, noise=noise, mask_ratio=0.5).last_hidden_state.shape == (2, 9, 32)
+    masked = model(x, mask_ratio=0.5)
+    assert masked.last_hidden_state.shape == (2, 9, 32) and torch.all(masked.mask.sum(1) == 8)
+    with pytest.raises(ValueError, match="mask_ratio=0.0 asks for none"):
+        model(x, noise=noise, mask_ratio=0.0)
+    with pytest.raises(ValueError, match=r"MAEModel.forward.mask_ratio must be in \(0, 1\), got 1.0"):
+        model(x, mask_ratio=1.0)
+
+
+def test_pretraining_still_masks_at_the_config_ratio():
+    model = MAEForPreTraining(tiny_config(mask_ratio=0.5)).eval()
+    out = model(torch.randn(2, 3, 16, 16))
+    assert torch.all(out.mask.sum(1) == 8)
 
 
 def test_bf16_cpu_attention_matches_fp32():

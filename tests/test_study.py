@@ -4,6 +4,7 @@ mini-grid (1 pretraining + 1 fine-tuning on digits) end to end."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import transformers.training_args
 from transformers import HfArgumentParser
 
 from hf_mae.study import (
+    Executor,
+    Job,
+    JobResult,
+    LocalExecutor,
     build_report,
     collect_results,
     format_plan,
@@ -203,6 +208,25 @@ def test_run_study_script_dry_run(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_python_m_hf_mae_study(tmp_path, capsys):
+    # the package's command line, as a user runs it
+    command = [sys.executable, "-m", "hf_mae.study", str(SEED_GRID), "--scale", "full", "--dry-run"]
+    command += ["--output_root", str(tmp_path / "s"), "--only", "mae_mask90-small"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 runs" in done.stdout and "[2/2] mae_mask90-small  kind=finetune" in done.stdout
+    # without the example's default, the grid is required; a run kind goes to the worker
+    from hf_mae.study.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--scale", "demo"])
+    assert "the following arguments are required: grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["linear_probe", "--help"])
+    assert "--knn_eval_steps" not in (text := capsys.readouterr().out) and "--layer_decay" in text
+
+
 def test_to_flags_and_select_runs():
     assert to_flags({"a": 1, "b": True, "c": None, "d": [1, 2], "e": 1.5e-4}) == [
         "--a", "1", "--b", "true", "--d", "1", "2", "--e", "0.00015"
@@ -301,7 +325,7 @@ class FakeRuns:
 def test_finished_runs_are_skipped_and_failures_recorded(tmp_path):
     study = _mini_study(tmp_path)
     fake = FakeRuns(fail={"mae_b"})
-    status = run_study(study, executor=fake)
+    status = run_study(study, executor=LocalExecutor(fake))
     assert status["mae_a"]["status"] == status["mae_a-full"]["status"] == "done"
     assert status["mae_b"]["status"] == "failed" and "NonFiniteLossError" in status["mae_b"]["error"]
     assert status["mae_b-small"]["status"] == "blocked" and "mae_b" in status["mae_b-small"]["error"]
@@ -310,7 +334,7 @@ def test_finished_runs_are_skipped_and_failures_recorded(tmp_path):
     assert read_status(study.output_root) == status
     # rerun: finished runs are skipped, the failed one is retried, then its fine-tunings run
     again = FakeRuns()
-    status = run_study(study, executor=again)
+    status = run_study(study, executor=LocalExecutor(again))
     ran = [Path(c[c.index("--output_dir") + 1]).name for c in again.commands]
     assert ran == ["mae_b", "mae_b-small", "mae_b-full"]
     assert all(s["status"] == "done" for s in status.values())
@@ -319,11 +343,11 @@ def test_finished_runs_are_skipped_and_failures_recorded(tmp_path):
 
 def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path):
     study = _mini_study(tmp_path, keep={"mae_a"})
-    status = run_study(study, executor=FakeRuns(crash={"mae_a"}))
+    status = run_study(study, executor=LocalExecutor(FakeRuns(crash={"mae_a"})))
     assert status["mae_a"]["status"] == "failed"
     assert "state=resume from checkpoint-10" in format_plan(study)
     fake = FakeRuns()
-    status = run_study(study, executor=fake)
+    status = run_study(study, executor=LocalExecutor(fake))
     (command,) = fake.commands
     assert command[command.index("--resume_from_checkpoint") + 1] == str(study.output_root / "mae_a" / "checkpoint-10")
     assert status["mae_a"]["status"] == "done"
@@ -334,9 +358,90 @@ def test_missing_config_fails_the_run_without_starting_it(tmp_path):
     study = _mini_study(tmp_path, keep={"mae_a", "mae_a-small"})
     study.runs[0].problem = "config file x.yaml not found"
     fake = FakeRuns()
-    status = run_study(study, executor=fake)
+    status = run_study(study, executor=LocalExecutor(fake))
     assert fake.commands == [] and status["mae_a"]["status"] == "failed"
     assert status["mae_a-small"]["status"] == "blocked"
+
+
+class QueueExecutor(Executor):
+    """Stands in for a cluster's queue: takes every job first, runs them only when waited on, and reports the results
+    in another order than they were submitted."""
+
+    def __init__(self, launch):
+        self.launch, self.jobs, self.states, self.submitted = launch, [], {}, []
+
+    def submit(self, job):
+        self.jobs.append(job)
+        self.submitted.append(job)
+        self.states[job.name] = "pending"
+
+    def status(self, name):
+        return self.states[name]
+
+    def wait(self):
+        results = []
+        for job in self.jobs:
+            if any(self.states[d] != "done" for d in job.depends_on):
+                self.states[job.name] = "blocked"
+                results.append(JobResult(job.name, "blocked", error="a dependency failed"))
+                continue
+            code = self.launch(job.command, job.log_path, job.env, job.timeout)
+            self.states[job.name] = "done" if job.succeeded(code) else "failed"
+            results.append(JobResult(job.name, self.states[job.name], 1.0, job.failure(code) if code else None))
+        self.jobs = []
+        yield from reversed(results)
+
+
+def test_another_executor_gets_every_job_with_its_dependencies(tmp_path):
+    study = _mini_study(tmp_path)
+    queue = QueueExecutor(FakeRuns(fail={"mae_b"}, crash={"scratch-full"}))
+    status = run_study(study, executor=queue, timeout=60)
+    jobs = {job.name: job for job in queue.submitted}
+    assert list(jobs) == [r.name for r in study.runs] and not queue.jobs
+    assert jobs["mae_a-full"].depends_on == ("mae_a",) and jobs["scratch-small"].depends_on == ()
+    assert jobs["mae_a"].timeout == 60 and jobs["mae_a"].result_file == study.output_root / "mae_a" / "results.json"
+    assert status["mae_a-small"]["status"] == status["scratch-small"]["status"] == "done"
+    assert status["mae_b"]["status"] == "failed" and "NonFiniteLossError" in status["mae_b"]["error"]
+    assert status["mae_b-full"]["status"] == "blocked" and status["scratch-full"]["status"] == "failed"
+    assert read_status(study.output_root) == status
+    # the next pass: dependencies only on runs of this pass, none on runs finished earlier
+    queue = QueueExecutor(FakeRuns())
+    run_study(study, executor=queue)
+    jobs = {job.name: job for job in queue.submitted}
+    assert list(jobs) == ["mae_b", "mae_b-small", "mae_b-full", "scratch-full"]
+    assert jobs["mae_b-small"].depends_on == ("mae_b",) and jobs["scratch-full"].depends_on == ()
+    assert "--resume_from_checkpoint" in jobs["scratch-full"].command  # resumed from what the crash left
+    assert jobs["mae_b"].log_path == study.output_root / "mae_b" / "study.log"
+    assert jobs["mae_b"].env == {"OMP_NUM_THREADS": "1"} and jobs["mae_b"].timeout is None
+    assert all(s["status"] == "done" for s in read_status(study.output_root).values())
+
+
+def test_local_executor_refuses_a_dependency_it_has_not_seen(tmp_path):
+    executor = LocalExecutor(FakeRuns())
+    job = Job("b", ["x"], tmp_path / "b.log", tmp_path / "b.json", depends_on=("a",))
+    with pytest.raises(ValueError, match="'b' depends on a, not submitted before it"):
+        executor.submit(job)
+    with pytest.raises(ValueError, match="no job 'a'"):
+        executor.status("a")
+
+
+def test_an_interrupted_study_records_the_run_it_cut_short(tmp_path):
+    study = _mini_study(tmp_path, keep={"mae_a", "mae_b", "mae_b-small"})
+    fake = FakeRuns()
+
+    def launch(command, log_path, env, timeout):
+        if "mae_b" in command[command.index("--output_dir") + 1]:
+            raise KeyboardInterrupt
+        return fake(command, log_path, env, timeout)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, executor=LocalExecutor(launch))
+    status = read_status(study.output_root)
+    assert status["mae_a"]["status"] == "done" and status["mae_b"]["status"] == "interrupted"
+    assert "mae_b-small" not in status  # never started: nothing to record
+    fake = FakeRuns()
+    run_study(study, executor=LocalExecutor(fake))  # the next pass runs what is left, in order
+    assert [Path(c[c.index("--output_dir") + 1]).name for c in fake.commands] == ["mae_b", "mae_b-small"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -345,7 +450,7 @@ def test_missing_config_fails_the_run_without_starting_it(tmp_path):
 def test_report_layout_failed_cells_and_figures(tmp_path):
     study = _mini_study(tmp_path)
     fake = FakeRuns(fail={"mae_b-full"})
-    run_study(study, executor=fake)
+    run_study(study, executor=LocalExecutor(fake))
     # reconstructions of a pretraining run are collected
     import matplotlib
 
@@ -382,6 +487,37 @@ def test_report_layout_failed_cells_and_figures(tmp_path):
     assert [r["evaluations"]["full"].status for r in table_rows] == ["failed", "done", "done"]
 
 
+def test_report_figures_put_train_and_validation_on_one_axis(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from hf_mae.study.report import ablation_bars_figure, finetune_curves_figure, pretrain_curves_figure
+
+    study = _mini_study(tmp_path)
+    run_study(study, executor=LocalExecutor(FakeRuns(fail={"mae_b-full"})))
+    fig = finetune_curves_figure(study)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "small aug: loss", "small aug: validation top-1 (%)", "full aug: loss", "full aug: validation top-1 (%)"
+    ]  # fmt: skip
+    loss = fig.axes[0].get_lines()
+    assert len(loss) == 6 and sorted(line.get_linestyle() for line in loss) == ["-"] * 3 + ["--"] * 3
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["mae_a", "mae_b", "scratch", "train", "validation"]
+    plt.close(fig)
+    fig = pretrain_curves_figure(study)
+    assert [ax.get_title() for ax in fig.axes] == ["reconstruction loss", "k-NN top-1 (%)"]
+    plt.close(fig)
+    table = collect_results(study)
+    fig = ablation_bars_figure(study, table)
+    assert [ax.get_title() for ax in fig.axes] == ["mask ratio", "scratch"]
+    assert "failed" in [t.get_text() for t in fig.axes[0].texts]  # mae_b-full
+    plt.close(fig)
+    # the seed's grid: six ablation groups in rows of four
+    seed = plan_study(load_grid(SEED_GRID), "full", output_root=tmp_path / "seed")
+    fig = ablation_bars_figure(seed, collect_results(seed))
+    assert len(fig.axes) == 6 and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 4)}
+    plt.close(fig)
+
+
 def test_report_of_a_study_that_has_not_run(tmp_path):
     study = _mini_study(tmp_path)
     md = build_report(study).read_text()
@@ -413,13 +549,13 @@ def test_real_mini_grid_end_to_end(tmp_path, monkeypatch):
     assert "| mask ratio | 0.75 | mae_a |" in md and "| failed |" not in md
     # a second pass starts nothing
     fake = FakeRuns()
-    run_study(study, executor=fake)
+    run_study(study, executor=LocalExecutor(fake))
     assert fake.commands == []
 
 
 def test_half_written_checkpoint_is_skipped_and_a_bare_rerun_restarts_explicitly(tmp_path):
     study = _mini_study(tmp_path, keep={"mae_a"})
-    run_study(study, executor=FakeRuns(crash={"mae_a"}))
+    run_study(study, executor=LocalExecutor(FakeRuns(crash={"mae_a"})))
     (study.output_root / "mae_a" / "checkpoint-12").mkdir()  # killed while saving: no trainer_state.json
     assert "state=resume from checkpoint-10" in format_plan(study)
     for step in (2, 10, 12):
@@ -430,6 +566,6 @@ def test_half_written_checkpoint_is_skipped_and_a_bare_rerun_restarts_explicitly
     (study.output_root / "mae_a" / "model.safetensors").write_bytes(b"")
     assert "state=restart" in format_plan(study)
     fake = FakeRuns()
-    run_study(study, executor=fake)
+    run_study(study, executor=LocalExecutor(fake))
     (command,) = fake.commands
     assert "--overwrite_output_dir" in command and "--resume_from_checkpoint" not in command

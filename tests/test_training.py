@@ -44,7 +44,7 @@ def test_param_groups_layer_decay_matches_official_scales():
     for i in range(3):
         assert lr_of[id(named[f"mae.blocks.{i}.attn.qkv.weight"])] == pytest.approx(0.5 ** (3 - i))
     assert lr_of[id(named["classifier.weight"])] == pytest.approx(1.0)
-    assert lr_of[id(named["fc_norm.weight"])] == pytest.approx(1.0)
+    assert lr_of[id(named["mae.fc_norm.weight"])] == pytest.approx(1.0)
     # no decay on biases, norms, pos/cls embeddings
     assert wd_of[id(named["mae.blocks.0.attn.qkv.bias"])] == 0
     assert wd_of[id(named["mae.blocks.0.norm1.weight"])] == 0
@@ -209,15 +209,19 @@ def test_pretraining_figure_and_card_leave_the_model_in_place(tmp_path):
     model = MAEForPreTraining(MAEConfig(**{**TINY, "image_size": 32})).to(torch.bfloat16)
     args = MAEPretrainingArguments(
         output_dir=str(tmp_path), report_to="none", disable_tqdm=True, per_device_train_batch_size=16, max_steps=1,
-        warmup_steps=0, save_strategy="no", use_cpu=True, bf16=True,
+        warmup_steps=0, save_strategy="steps", save_steps=1, use_cpu=True, bf16=True,
     )  # fmt: skip
-    data = DataArguments(dataset_name="digits", max_train_samples=16, max_eval_samples=4, num_reconstructions=2)
+    data = DataArguments(
+        dataset_name="digits", max_train_samples=16, max_eval_samples=4, num_reconstructions=2, crop_pct=1.0
+    )
     results = run_pretraining(ModelArguments(), data, args, model=model)
     assert next(model.parameters()).dtype == torch.bfloat16  # the figure did not cast the trained model
+    for path in (tmp_path, tmp_path / "checkpoint-1"):  # the run's image processor (its crop_pct), checkpoints too
+        assert json.loads((path / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 32}, path
     assert (tmp_path / "reconstructions.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text()) == results
     card = (tmp_path / "README.md").read_text()
-    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.4f} |" in card  # via save_metrics
+    assert "## Results" in card and f"| eval_loss | {results['eval_loss']:.6g} |" in card  # via save_metrics
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -337,7 +341,7 @@ def test_push_to_hub_passes_through_with_recipe_card(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: mock.MagicMock(repo_id="user/tiny-mae"))
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     args = MAEPretrainingArguments(
-        output_dir=str(tmp_path / "pt"), per_device_train_batch_size=32, max_steps=2, warmup_steps=1,
+        output_dir=str(tmp_path / "pt"), per_device_train_batch_size=32, max_steps=2, warmup_steps=1, logging_steps=1,
         report_to="none", save_strategy="no", disable_tqdm=True, push_to_hub=True, hub_model_id="user/tiny-mae",
         hub_token="hf_fake", hub_strategy="end",
     )  # fmt: skip

@@ -3,8 +3,8 @@
 `datasets` is imported lazily by the loaders, so this package imports where it is not installed.
 """
 
+from ..image_processing_mae import build_image_processor
 from .image_datasets import encode_image, get_label_names, load_digits_dataset, load_image_dataset, to_rgb
-from .processor import build_image_processor
 from .tiny_imagenet import TINY_IMAGENET_HUB_ID, load_tiny_imagenet, tiny_imagenet_class_names
 from .transforms import (
     FINETUNE_AUGS,

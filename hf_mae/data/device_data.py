@@ -291,6 +291,8 @@ def device_train_data(
     with_labels: bool = False,
     image_column: str = "image",
     label_column: str = "label",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> tuple[DeviceImageDataset, DeviceAugmentCollator]:
     """Decode `train` onto `args.device` and build its collator for `Trainer`; switches `args` to
     `dataloader_num_workers=0` and `dataloader_pin_memory=False`, which this path needs.
@@ -299,6 +301,7 @@ def device_train_data(
         aug: the recipe's augmentation, one of `DEVICE_AUGS`: pretraining `standard` (crop scale 0.2-1) or
             fine-tuning `small` (0.08-1), both bicubic crop + flip as in `hf_mae.data.transforms`.
         with_labels: also keep the labels (fine-tuning).
+        mean, std: normalisation, ImageNet's by default.
 
     The collator seeds each batch from `args.seed`, the epoch and the batch's indices; processes read different
     indices, so they draw different crops.
@@ -319,7 +322,7 @@ def device_train_data(
     if getattr(args.accelerator_config, "non_blocking", False):
         args.accelerator_config.non_blocking = False  # batches are born on the device: nothing to copy
     logger.info("device data path: %d images, %.2f GB uint8 on %s", len(dataset), images.numel() / 1e9, dataset.device)
-    collator = DeviceAugmentCollator(dataset, image_size, scale=DEVICE_AUGS[aug], seed=args.seed)
+    collator = DeviceAugmentCollator(dataset, image_size, scale=DEVICE_AUGS[aug], seed=args.seed, mean=mean, std=std)
     return dataset, collator
 
 

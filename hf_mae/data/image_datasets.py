@@ -257,6 +257,9 @@ def load_image_dataset(
     validation_split_percentage: float = 10,
     seed: int = 0,
     cache_dir: str | None = None,
+    dataset_config_name: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
 ) -> DatasetDict:
     """Load an image classification dataset as a `DatasetDict` with `train` and `validation` splits.
 
@@ -283,6 +286,8 @@ def load_image_dataset(
             Seed of that split.
         cache_dir (`str`, *optional*):
             `datasets` cache directory.
+        dataset_config_name (`str`, *optional*), token (`str` or `bool`, *optional*), trust_remote_code (`bool`):
+            `load_dataset`'s `name`, `token` and `trust_remote_code` for `dataset_name`.
 
     Returns:
         `datasets.DatasetDict` with columns `image` (and `label`, a `ClassLabel`, when the data has labels).
@@ -290,7 +295,8 @@ def load_image_dataset(
     from datasets import DatasetDict, load_dataset
 
     if dataset_name is not None:
-        dataset = rename_validation_split(load_dataset(dataset_name, cache_dir=cache_dir))
+        hub = dict(cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
+        dataset = rename_validation_split(load_dataset(dataset_name, dataset_config_name, **hub))
         for old, new in ((image_column_name, "image"), (label_column_name, "label")):
             if old != new and old in dataset["train"].column_names:
                 dataset = dataset.rename_column(old, new)

@@ -177,7 +177,10 @@ def _parquet_files(folder: Path) -> dict[str, list[str]]:
 
 
 def load_tiny_imagenet(
-    source: str = TINY_IMAGENET_HUB_ID, cache_dir: str | None = None, num_proc: int | None = None
+    source: str = TINY_IMAGENET_HUB_ID,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+    token: str | bool | None = None,
 ) -> DatasetDict:
     """Load Tiny ImageNet as a `DatasetDict` with `train` and `validation` splits.
 
@@ -191,6 +194,8 @@ def load_tiny_imagenet(
             and parquet sources.
         num_proc (`int`, *optional*):
             Processes decoding and checking images during the one-time conversion.
+        token (`str` or `bool`, *optional*):
+            Hub token for a private Hub copy.
 
     Returns:
         `datasets.DatasetDict` with columns `image` (`Image(mode="RGB")`) and `label` (`ClassLabel`; for the folder
@@ -222,7 +227,7 @@ def load_tiny_imagenet(
         raise ValueError(f"{source} is neither a tiny-imagenet-200 folder, its zip, nor a folder of parquet files.")
     if source.startswith((".", "/", "~")) or source.endswith(".zip"):
         raise FileNotFoundError(f"Tiny ImageNet source {source} does not exist.")
-    return _finalize(load_dataset(source, cache_dir=cache_dir))
+    return _finalize(load_dataset(source, cache_dir=cache_dir, token=token))
 
 
 def tiny_imagenet_class_names(source: str = TINY_IMAGENET_HUB_ID) -> dict[str, str]:

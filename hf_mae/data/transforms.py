@@ -23,6 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.mixup import mixup_target
 from torchvision.transforms import InterpolationMode, v2
 
+from ..image_processing_mae import eval_resize_size
 from .image_datasets import to_rgb
 
 
@@ -180,13 +181,6 @@ def build_finetune_transform(
         mean=tuple(mean),
         std=tuple(std),
     )
-
-
-def eval_resize_size(image_size: int, crop_pct: float = 0.875) -> int:
-    """Shortest side before the center crop: `int(image_size / crop_pct)`, 64 -> 73, 224 -> 256."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
-    return int(image_size / crop_pct)
 
 
 def build_eval_transform(

@@ -185,6 +185,13 @@ class MAEPretrainingArguments(MAETrainingArguments):
     mask_ratio: float | None = field(
         default=None, metadata={"help": f"overrides MAEConfig.mask_ratio: {MASK_RATIO_HELP}"}
     )
+    norm_pix_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "overrides MAEConfig.norm_pix_loss: regress per-patch normalised pixels (--norm_pix_loss) or raw "
+            "ones (--no_norm_pix_loss); default: the preset's or checkpoint's"
+        },
+    )
     pretrain_aug: str = field(
         default="standard", metadata={"help": f"pretraining augmentation, one of {', '.join(PRETRAIN_AUGS)}"}
     )
@@ -219,10 +226,19 @@ class MAEFinetuningArguments(MAETrainingArguments):
     mixup_switch_prob: float = field(default=0.5)
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (full aug only)"})
     random_erasing: float = field(default=0.25, metadata={"help": "random erasing probability (full aug only)"})
-    linear_probe: bool = field(default=False, metadata={"help": "frozen encoder, BatchNorm + Linear head"})
+    linear_probe: bool = field(
+        default=False,
+        metadata={"help": "frozen encoder, BatchNorm + Linear head; implies finetune_aug small and drop_path_rate 0"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.linear_probe and (self.finetune_aug, self.drop_path_rate) != ("small", 0.0):
+            # the official linear probe: crop + flip only, no stochastic depth in the frozen encoder; set here so that
+            # what the run uses is what the arguments (and the model card) say
+            logger.info("linear_probe: finetune_aug small and drop_path_rate 0 (were %s, %s)", self.finetune_aug,
+                        self.drop_path_rate)  # fmt: skip
+            self.finetune_aug, self.drop_path_rate = "small", 0.0
         if self.finetune_aug not in FINETUNE_AUGS:
             raise ValueError(f"finetune_aug must be one of {FINETUNE_AUGS}, got {self.finetune_aug!r}")
         check_drop_path_rate(self.drop_path_rate, owner=type(self).__name__)

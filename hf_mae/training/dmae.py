@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +16,9 @@ from transformers import set_seed
 
 from ..configuration_dmae import DISTILL_LOSSES, PROJECTOR_TYPES, TEACHER_KINDS, TEACHER_POS_EMBED, DMAEConfig
 from ..modeling_dmae import DMAEForPreTraining, load_teacher, prepare_teacher
+from ..modeling_mae import markdown_table
 from .arguments import FloatOrNone, MAEPretrainingArguments
-from .pipeline import DataArguments, ModelArguments, parse_overrides, run_pretraining
+from .pipeline import DataArguments, ModelArguments, load_config, pretraining_overrides, run_pretraining
 from .trainer import MAETrainer
 
 logger = logging.getLogger(__name__)
@@ -161,19 +161,12 @@ class DMAETrainer(MAETrainer):
         output.metrics.update(self._reduce_loss_parts("eval", prefix=f"{metric_key_prefix}_"))
         return output
 
-    def create_model_card(self, **kwargs) -> None:
-        """MAETrainer's card plus the distillation spec."""
-        super().create_model_card(**kwargs)
-        card = Path(self.args.output_dir) / "README.md"
-        if not self.is_world_process_zero() or not card.exists():
-            return
+    def model_card_sections(self) -> list[tuple[str, str]]:
+        """MAETrainer's card sections plus the distillation spec."""
         config = self.accelerator.unwrap_model(self.model).config
         fields = (*DISTILL_FIELDS, "teacher_hidden_size", "teacher_num_hidden_layers", "teacher_patch_size")
         values = {name: getattr(config, name) for name in fields} | {"teacher_image_size": config.teacher_input_size}
-        rows = "".join(f"| {name} | {value} |\n" for name, value in values.items())
-        card.write_text(
-            card.read_text(encoding="utf-8") + "\n## Distillation\n\n| field | value |\n|---|---|\n" + rows
-        )
+        return [*super().model_card_sections(), ("Distillation", markdown_table(values))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,15 +175,11 @@ class DMAETrainer(MAETrainer):
 def build_distillation_config(model_args: ModelArguments, training_args: DMAETrainingArguments) -> DMAEConfig:
     """Student config from `model_name_or_path` (an MAE or DMAE directory) or the preset, with the MAE overrides of
     `config_overrides` / `mask_ratio` and the distillation overrides of the training arguments."""
-    overrides = parse_overrides(model_args.config_overrides)
-    if training_args.mask_ratio is not None:
-        overrides["mask_ratio"] = training_args.mask_ratio
+    overrides = pretraining_overrides(model_args, training_args)
     overrides.update(training_args.distillation_overrides())
-    if model_args.model_name_or_path:
-        config = DMAEConfig.from_pretrained(model_args.model_name_or_path, **overrides)
-        config.validate_architecture()  # from_pretrained sets keyword overrides after __init__'s checks
-        return config
-    return DMAEConfig.from_preset(model_args.preset, **overrides)
+    config = load_config(DMAEConfig, model_args, overrides)
+    config.validate_architecture()  # from_pretrained sets keyword overrides after __init__'s checks
+    return config
 
 
 def build_distillation_model(model_args: ModelArguments, training_args: DMAETrainingArguments) -> DMAEForPreTraining:
@@ -201,7 +190,9 @@ def build_distillation_model(model_args: ModelArguments, training_args: DMAETrai
         raise ValueError("DMAE needs a teacher: set --teacher_path (or teacher_path in the model's config)")
     teacher = prepare_teacher(load_teacher(config), config)  # fills the teacher fields the projector needs
     if model_args.model_name_or_path:
-        model = DMAEForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+        model = DMAEForPreTraining.from_pretrained(
+            model_args.model_name_or_path, config=config, **model_args.hub_kwargs()
+        )
         model.set_teacher(teacher)
     else:
         model = DMAEForPreTraining(config, teacher=teacher)

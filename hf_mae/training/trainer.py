@@ -5,11 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
@@ -18,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from ..data import apply_mixup
 from ..data.device_data import DeviceImageDataset
 from ..data.seeding import EpochSeeded, EpochSeededDataset
-from ..modeling_mae import default_model_card
+from ..modeling_mae import MAEForImageClassification, default_model_card, markdown_table
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,23 @@ RECIPE_FIELDS = (
     "bf16",
     "seed",
 )
+# the recipe knobs of the `full` fine-tuning augmentation, which `small` (and the linear probe) do not use
+FULL_AUG_FIELDS = ("mixup", "cutmix", "label_smoothing", "random_erasing")
+
+
+def _listify(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _card_license(base: str | None) -> str | None:
+    """The license in the model card of a local directory `base`, if it has one."""
+    readme = Path(base) / "README.md" if base else None
+    if readme is None or not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a hand-written or broken card: no license to inherit
+        return None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -260,6 +280,7 @@ class MAETrainer(Trainer):
         self.mixup = mixup
         self._seeded_train: EpochSeededDataset | None = None
         self.add_callback(_SetDataEpoch(self))
+        self._model_card_kwargs: dict[str, Any] = {}  # create_model_card's arguments so far
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
@@ -513,26 +534,117 @@ class MAETrainer(Trainer):
         # a skipped step adds 0 to the logged loss (the Trainer's own nan filter would cost a host sync per step)
         return torch.where(finite, loss, torch.zeros_like(loss))
 
-    def create_model_card(self, **kwargs) -> None:
-        """Write README.md in output_dir: architecture, the recipe actually used and the metrics saved with
-        `save_metrics` (output_dir/all_results.json). Also what `push_to_hub` uploads (transformers' generic card knows
-        nothing about MAE)."""
+    def create_model_card(
+        self,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write README.md in output_dir through huggingface_hub's `ModelCard` (also what `push_to_hub` uploads):
+        metadata, what the run did (pretraining, fine-tuning of `finetuned_from`, linear probe, or training from
+        scratch), the architecture, the recipe actually used, the metrics saved with `save_metrics`
+        (output_dir/all_results.json) and, for a classifier, their `model-index` entries.
+
+        The arguments are those of `transformers.Trainer.create_model_card`: `language`, `license`, `tags` (metadata);
+        `model_name` (title and model-index name, default: output_dir's name); `finetuned_from` (default: where the
+        model was loaded from; named in the text, and the metadata's `base_model` when it is a Hub id: the Hub
+        refuses a card whose `base_model` is a local path); `tasks` (model-index task, default
+        `image-classification`); `dataset_tags` (Hub ids: metadata `datasets` and model-index dataset type),
+        `dataset` (names, default the tags), `dataset_args` (model-index dataset config). `license` defaults to the
+        license in `finetuned_from`'s own card when that is a local directory. Arguments given once are kept for
+        later calls (`push_to_hub` calls this again with `model_name` only)."""
         if not self.is_world_process_zero():
             return
+        given = dict(
+            language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+        )  # fmt: skip
+        self._model_card_kwargs.update({k: v for k, v in given.items() if v is not None})
+        card = dict.fromkeys(given) | self._model_card_kwargs
         model = self.accelerator.unwrap_model(self.model)
-        recipe = {k: getattr(self.args, k) for k in RECIPE_FIELDS if hasattr(self.args, k)}
-        body = default_model_card(model)
-        body += "\n## Training recipe\n\n| knob | value |\n|---|---|\n"
-        body += "".join(f"| {k} | {v} |\n" for k, v in recipe.items())
-        saved = Path(self.args.output_dir) / "all_results.json"
+        out = Path(self.args.output_dir)
+        base = card["finetuned_from"] or model.name_or_path or None
+        names = _listify(card["dataset"]) or _listify(card["dataset_tags"])
+        saved = out / "all_results.json"
         results = json.loads(saved.read_text()) if saved.is_file() else {}
+        card_data = ModelCardData(
+            language=card["language"],
+            license=card["license"] or _card_license(base),
+            tags=_listify(card["tags"]),
+            datasets=_listify(card["dataset_tags"]) or None,
+            model_name=card["model_name"] or out.name,
+            eval_results=self._eval_results(card, names, results) or None,
+        )
+        sections = [("Training recipe", markdown_table(self._recipe(), header=("knob", "value")))]
         if results:
-            body += "\n## Results\n\n| metric | value |\n|---|---|\n"
-            body += "".join(
-                f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in results.items()
-            )
-        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.args.output_dir) / "README.md").write_text(body, encoding="utf-8")
+            sections.append(("Results", markdown_table(results, header=("metric", "value"))))
+        out.mkdir(parents=True, exist_ok=True)
+        default_model_card(
+            model,
+            card_data,
+            title=card_data.model_name,
+            summary=self._model_card_summary(model, base, names),
+            base_model=base,
+            sections=[*sections, *self.model_card_sections()],
+        ).save(out / "README.md")
+
+    def model_card_sections(self) -> list[tuple[str, str]]:
+        """Extra (heading, markdown) sections a subclass adds to the model card."""
+        return []
+
+    def _model_card_summary(self, model, base: str | None, datasets: list[str]) -> str:
+        """What the run did, in one sentence: a scratch run never claims MAE pretraining."""
+        data = f" on {' and '.join(datasets)}" if datasets else ""
+        if not isinstance(model, MAEForImageClassification):
+            summary = f"Masked Autoencoder (MAE) pretraining{data}, mask ratio {model.config.mask_ratio}"
+            return summary + (f", starting from `{base}`." if base else ", from a random initialisation.")
+        if getattr(self.args, "linear_probe", False):
+            encoder = f"`{base}`" if base else "a randomly initialised model"
+            return f"Linear probe{data}: a BatchNorm + linear head trained on the frozen encoder of {encoder}."
+        if base:
+            return f"Image classifier fine-tuned{data} from `{base}`."
+        return f"Image classifier trained from scratch{data}: random initialisation, no pretraining."
+
+    def _recipe(self) -> dict[str, Any]:
+        """The RECIPE_FIELDS the run's arguments have and that took effect (Mixup, CutMix, label smoothing and random
+        erasing belong to the `full` fine-tuning augmentation only)."""
+        recipe = {k: getattr(self.args, k) for k in RECIPE_FIELDS if getattr(self.args, k, None) is not None}
+        if recipe.get("finetune_aug", "full") != "full":
+            for name in FULL_AUG_FIELDS:
+                recipe.pop(name, None)
+        return recipe
+
+    def _eval_results(self, card: dict[str, Any], names: list[str], results: dict[str, Any]) -> list[EvalResult]:
+        """model-index entries: the classifier's validation accuracies, one per (task, dataset)."""
+        accuracies = {k: v for k, v in results.items() if re.fullmatch(r"top\d+", k)}
+        types = _listify(card["dataset_tags"]) or names
+        if not accuracies or not types:
+            return []
+        configs = _listify(card["dataset_args"])
+        entries = []
+        for task in _listify(card["tasks"]) or ["image-classification"]:
+            for i, dataset_type in enumerate(types):
+                for key, value in accuracies.items():
+                    k = int(key[3:])
+                    entries.append(
+                        EvalResult(
+                            task_type=task,
+                            dataset_type=dataset_type,
+                            dataset_name=names[i] if i < len(names) else dataset_type,
+                            dataset_config=configs[i] if i < len(configs) else None,
+                            dataset_split="validation",
+                            metric_type="accuracy" if k == 1 else f"top{k}_accuracy",
+                            metric_name=f"Top-{k} accuracy (%)",
+                            metric_value=value,
+                        )
+                    )
+        return entries
 
     def evaluate(self, *args, **kwargs):
         # fixed masks for evaluation, without disturbing the training random stream
