@@ -4,6 +4,9 @@
     python benchmarks/bench_all.py --device cuda --out "$OUT" --quick   # GPU: the first five runs, ~5 min
     python benchmarks/bench_all.py --device cpu                         # CPU, batch 16: ~15 min on 2 cores
 
+On a machine with several GPUs the suite also measures DDP scaling (bench_scaling.py: MAETrainer images/s on one GPU
+against all of them, and the scaling efficiency); with one GPU that entry says it was skipped and why.
+
 Each benchmark runs in its own process with a time limit, so one failure or hang costs only its own entry, and the
 summary is rewritten after every run, so an interrupted suite keeps what it measured. Runs that would not finish
 before `--budget` seconds are skipped. Needs torch, transformers and timm only (`datasets` is optional: without it
@@ -28,11 +31,21 @@ sys.path.insert(0, str(HERE))
 from bench_common import default_device, machine_info  # noqa: E402
 
 
-def suite(device: str, quick: bool, preset: str) -> list[tuple[str, list[str], int]]:
-    """(name, command line, time limit in seconds), most important first."""
+def scaling_run(gpus: int, preset: str) -> tuple[str, list[str] | str, int]:
+    """The multi-GPU entry: DDP scaling over all `gpus`, or (one GPU) the reason it is skipped instead of a command."""
+    if gpus < 2:
+        return "ddp_scaling", f"{gpus} GPU on this machine: DDP scaling needs at least two", 0
+    command = [sys.executable, str(HERE / "bench_scaling.py"), "--device", "cuda", "--processes", str(gpus)]
+    return "ddp_scaling", [*command, "--preset", preset, "--timeout", "200"], 420
+
+
+def suite(device: str, quick: bool, preset: str, gpus: int | None = None) -> list[tuple[str, list[str] | str, int]]:
+    """(name, command line, time limit in seconds), most important first; a run that cannot be made on this machine
+    has the reason in place of its command."""
     py = [sys.executable]
     step = [*py, str(HERE / "bench_train_step.py"), "--device", device, "--preset", preset]
     if device == "cuda":
+        scaling = scaling_run(torch.cuda.device_count() if gpus is None else gpus, preset)
         runs = [
             ("train_step_bf16", [*step, "--dtype", "bf16"], 150),
             ("train_step_best", [*step, "--best"], 300),
@@ -53,7 +66,7 @@ def suite(device: str, quick: bool, preset: str) -> list[tuple[str, list[str], i
             ),
             ("train_step_bf16_compile", [*step, "--dtype", "bf16", "--compile"], 400),
         ]
-        return runs[:5] if quick else runs
+        return [*runs[:5], scaling] if quick else [*runs[:5], scaling, *runs[5:]]
     cpu = [*step, "--batch", "16", "--steps", "5", "--warmup", "1"]
     runs = [
         ("train_step_fp32", [*cpu, "--dtype", "fp32"], 900),
@@ -152,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"machine": info, "runs": {}}
     start = time.monotonic()
     for name, command, limit in suite(args.device, args.quick, args.preset):
+        if isinstance(command, str):  # not possible on this machine: say so in the summary
+            print(f"[{time.monotonic() - start:5.0f} s] {name}: skipped ({command})", flush=True)
+            summary["runs"][name] = {"command": [], "status": f"skipped ({command})"}
+            continue
         left = budget - (time.monotonic() - start)
         if left < min(limit, 120):
             summary["runs"][name] = {"command": command, "status": "skipped (budget)"}

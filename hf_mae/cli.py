@@ -142,7 +142,7 @@ def _study(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    from .convert import main as convert_main
+    from .convert.__main__ import main as convert_main  # the converter's own CLI, for `hf-mae convert`
 
     return convert_main(argv)
 

@@ -8,7 +8,8 @@ from typing import Any
 from transformers import PretrainedConfig
 
 # Named presets. ViT-T/S/B/L/H follow the ViT / DeiT widths; the decoder is MAE's default (512 wide, 8 deep,
-# 16 heads) for all of them. `seed-vit-b8-64` is the study in shared/seed: ViT-B, patch 8, 64 px, norm_pix_loss on.
+# 16 heads) for all of them. `seed-vit-b8-64` is the reproduction study ("Exploring MAE vision learners"): ViT-B,
+# patch 8, 64 px, norm_pix_loss on.
 PRESETS: dict[str, dict[str, Any]] = {
     "vit-tiny-patch16-224": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3),
     "vit-small-patch16-224": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),

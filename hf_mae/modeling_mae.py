@@ -28,7 +28,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -40,9 +40,20 @@ from .losses import classification_loss, mae_reconstruction_loss
 
 logger = logging.getLogger(__name__)
 
-# (strict, source) of the `from_pretrained` call in progress; read by `_adjust_missing_and_unexpected_keys`.
-_STRICT_LOADING: contextvars.ContextVar[tuple[bool, str]] = contextvars.ContextVar(
-    "_STRICT_LOADING", default=(True, "?")
+# (strict, source, the checkpoint's pretraining heads) of the `from_pretrained` call in progress; read by
+# `_adjust_missing_and_unexpected_keys`.
+_STRICT_LOADING: contextvars.ContextVar[tuple[bool, str, tuple[str, ...]]] = contextvars.ContextVar(
+    "_STRICT_LOADING", default=(True, "?", ())
+)
+# the `from_pretrained` arguments that locate a checkpoint's config.json
+_CONFIG_LOCATION_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "local_files_only",
+    "revision",
+    "subfolder",
 )
 
 
@@ -280,10 +291,12 @@ class MAEPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         """`PreTrainedModel.from_pretrained`, except that missing or unexpected checkpoint keys are an error.
 
-        Keys this class expects to differ (a new classification head, a dropped decoder) are logged in one line each.
+        Keys this class expects to differ (a new classification head, a dropped decoder) and the heads the checkpoint's
+        config class declares as `pretraining_heads` (dropped) are logged in one line each.
         `strict=False` falls back to transformers' warn-and-initialise behaviour.
         """
-        token = _STRICT_LOADING.set((strict, str(pretrained_model_name_or_path)))
+        heads = _checkpoint_pretraining_heads(pretrained_model_name_or_path, kwargs, cls.config_class)
+        token = _STRICT_LOADING.set((strict, str(pretrained_model_name_or_path), heads))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except Exception as error:
@@ -299,9 +312,13 @@ class MAEPreTrainedModel(PreTrainedModel):
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # transformers' hook between loading and its report: tolerate what the class allows, reject the rest
         super()._adjust_missing_and_unexpected_keys(loading_info)
-        strict, source = _STRICT_LOADING.get()
+        strict, source, heads = _STRICT_LOADING.get()
+        # what this class may lack, plus the pretraining-only heads the checkpoint's config declares and this model
+        # has no module for (a model that has one loads it strictly)
+        dropped = tuple(rf"^{re.escape(head)}\." for head in heads if not hasattr(self, head))
+        unexpected = self._allowed_unexpected_keys + dropped
         problems = []
-        for kind, allowed in (("missing", self._allowed_missing_keys), ("unexpected", self._allowed_unexpected_keys)):
+        for kind, allowed in (("missing", self._allowed_missing_keys), ("unexpected", unexpected)):
             keys = getattr(loading_info, f"{kind}_keys")
             tolerated = {k for k in keys if any(re.search(p, k) for p in allowed)}
             if tolerated:
@@ -406,6 +423,27 @@ class MAEPreTrainedModel(PreTrainedModel):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _checkpoint_pretraining_heads(
+    pretrained_model_name_or_path, kwargs: dict, own_config_class: type[PretrainedConfig]
+) -> tuple[str, ...]:
+    """The `pretraining_heads` that the config class of a checkpoint's `model_type` (the loading class's own, else as
+    registered with AutoConfig) declares: a model without those modules drops them on loading, and this file names no
+    other model's keys. () when the checkpoint has no readable config or its class declares none."""
+    if pretrained_model_name_or_path is None:
+        return ()
+    location = {name: kwargs[name] for name in _CONFIG_LOCATION_KWARGS if name in kwargs}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **location)
+    except (OSError, ValueError):  # no config.json there: from_pretrained reports it, or a config was passed
+        return ()
+    model_type = config_dict.get("model_type")
+    if model_type == own_config_class.model_type:  # also under remote code, where AutoConfig may not know the type
+        config_class = own_config_class
+    else:
+        config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    return tuple(getattr(config_class, "pretraining_heads", ()))
 
 
 # The card's body, rendered by huggingface_hub's `ModelCard.from_template` (Jinja); the metadata comes from a
@@ -535,9 +573,9 @@ class MAEModel(MAEPreTrainedModel):
             recorded in `config.use_fc_norm`, so the saved directory reloads with it.
     """
 
-    # a pretraining (MAE or DMAE) checkpoint loads its encoder here, decoder and projector dropped; a fine-tuned
-    # one without its head, as transformers' ViTModel loads a ViTForImageClassification checkpoint
-    _allowed_unexpected_keys = (r"^decoder\.", r"^projector\.", r"^classifier\.")
+    # a pretraining checkpoint loads its encoder here, the decoder dropped (and the heads its config declares); a
+    # fine-tuned one without its head, as transformers' ViTModel loads a ViTForImageClassification checkpoint
+    _allowed_unexpected_keys = (r"^decoder\.", r"^classifier\.")
 
     def __init__(self, config: MAEConfig, use_fc_norm: bool | None = None):
         super().__init__(config)
@@ -774,7 +812,7 @@ class MAEForImageClassification(MAEPreTrainedModel):
     `mae.` prefix."""
 
     _allowed_missing_keys = (r"^classifier\.", r"^mae\.fc_norm\.")
-    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.", r"^projector\.")
+    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.")
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

@@ -15,7 +15,7 @@ CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 
 def test_configs_exist():
     names = {path.stem for path in CONFIGS}
-    assert {"cpu_2proc", "single_gpu", "multi_gpu", "multi_node", "fsdp2", "deepspeed_zero2"} <= names
+    assert {"cpu_2proc", "cpu_fsdp2", "single_gpu", "multi_gpu", "multi_node", "fsdp2", "deepspeed_zero2"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -29,6 +29,15 @@ def test_deepspeed_does_not_clip_gradients():
     # the official MAE / DMAE recipes never clip; max_grad_norm defaults to 0 in every MAETrainingArguments
     config = load_config_from_file(str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"))
     assert not config.deepspeed_config.get("gradient_clipping")
+
+
+def test_cpu_fsdp2_is_the_gpu_recipe_on_two_cpu_processes():
+    # what the tests exercise on CPU is what fsdp2.yaml runs on GPUs: the same FSDP settings
+    gpu = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp2.yaml"))
+    cpu = load_config_from_file(str(ROOT / "accelerate_configs" / "cpu_fsdp2.yaml"))
+    assert gpu.fsdp_config == cpu.fsdp_config and gpu.fsdp_config["fsdp_version"] == 2
+    assert gpu.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "MAEBlock"
+    assert cpu.distributed_type == gpu.distributed_type and cpu.use_cpu and cpu.num_processes == 2
 
 
 def _free_port() -> int:

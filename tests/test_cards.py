@@ -159,9 +159,9 @@ def test_fine_tune_inherits_the_license_of_a_local_base_card(tmp_path):
 
 def test_dmae_card_adds_its_distillation_section(tmp_path):
     teacher = MAEModel(MAEConfig(image_size=48, patch_size=8, hidden_size=48, num_hidden_layers=4, num_attention_heads=4))  # fmt: skip
-    student = DMAEForPreTraining(DMAEConfig(**{**TINY, "num_hidden_layers": 4}), teacher=teacher)
+    student = DMAEForPreTraining(DMAEConfig(**{**TINY, "num_hidden_layers": 4}, teacher_hidden_size=48))
     args = DMAETrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    DMAETrainer(model=student, args=args).create_model_card()
+    DMAETrainer(model=student, args=args, teacher=teacher).create_model_card()
     card = _card(tmp_path)
-    assert "## Distillation" in card.text and "| teacher_layer | 3 |" in card.text
+    assert "## Distillation" in card.text and "| teacher_layer | 3 of 4 |" in card.text
     assert "## Training recipe" in card.text and card.data.library_name == "transformers"

@@ -148,7 +148,7 @@ def test_norm_pix_loss_flag_reaches_the_config_and_wins_over_config_overrides(tm
     dmae = DMAETrainingArguments(
         output_dir=str(tmp_path), report_to="none", teacher_path=str(teacher), norm_pix_loss=False
     )
-    assert build_distillation_config(model_args, dmae).norm_pix_loss is False
+    assert build_distillation_config(model_args, dmae, teacher_hidden_size=TINY["hidden_size"]).norm_pix_loss is False
 
 
 @pytest.mark.parametrize(

@@ -31,10 +31,10 @@ from hf_mae.convert import (  # noqa: E402
     convert_transformers_model,
     load_checkpoint_file,
     load_encoder,
-    main,
     to_official_state_dict,
     to_timm_state_dict,
 )
+from hf_mae.convert.__main__ import main  # noqa: E402
 from hf_mae.modeling_mae import interpolate_pos_embed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +217,53 @@ def test_default_heads_from_width():
     assert model.config.layer_norm_eps == 1e-6
     encoder = convert_timm_state_dict(timm_vit(embed_dim=96, num_heads=1))
     assert encoder.config.num_attention_heads == 1  # 96 // 64
+
+
+def test_values_not_in_the_weights_are_logged_with_their_origin(tmp_path, caplog):
+    """Heads and norm_pix_loss are not in the weights: one line shows each value and whether it was assumed."""
+
+    def logged(convert, *args, **kwargs) -> logging.LogRecord:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_mae.convert"):
+            convert(*args, **kwargs)
+        [record] = [r for r in caplog.records if "not in the weights" in r.getMessage()]
+        return record
+
+    sd = official_pretrain_state_dict()
+    record = logged(convert_official_checkpoint, sd)  # TINY is 32 wide: 32 // 64 -> 1 head, a wrong guess
+    assert record.levelno == logging.WARNING
+    assert "official state dict: " in record.getMessage()
+    assert (
+        "num_attention_heads=1 (assumed), decoder_num_attention_heads=1 (assumed), norm_pix_loss=False (assumed)"
+    ) in record.getMessage()
+
+    torch.save({"model": sd, "args": argparse.Namespace(norm_pix_loss=True)}, tmp_path / "mae.pth")
+    record = logged(main, ["--source", "official", str(tmp_path / "mae.pth"), str(tmp_path / "out"), *HEAD_FLAGS])
+    assert record.levelno == logging.INFO and str(tmp_path / "mae.pth") in record.getMessage()
+    assert (
+        "num_attention_heads=4 (given), decoder_num_attention_heads=2 (given), norm_pix_loss=True (checkpoint args)"
+    ) in record.getMessage()
+    argv = ["--source", "official", str(tmp_path / "mae.pth"), str(tmp_path / "o2"), "--no-norm_pix_loss"]
+    record = logged(main, argv)
+    assert record.levelno == logging.WARNING and "norm_pix_loss=False (given)" in record.getMessage()
+    assert not MAEForPreTraining.from_pretrained(tmp_path / "o2").config.norm_pix_loss
+
+    wide = official_pretrain_state_dict(
+        hidden_size=64, num_hidden_layers=4, decoder_hidden_size=32, decoder_num_hidden_layers=2
+    )
+    record = logged(convert_official_checkpoint, wide, preset="demo-tiny-32", decoder_num_attention_heads=2)
+    assert (
+        "num_attention_heads=4 (preset 'demo-tiny-32'), decoder_num_attention_heads=2 (given), "
+        "norm_pix_loss=True (preset 'demo-tiny-32')"
+    ) in record.getMessage()
+
+    # an encoder has no decoder and no loss: only its heads are reported
+    message = logged(convert_timm_state_dict, timm_vit()).getMessage()
+    assert "num_attention_heads=1 (assumed)" in message and "norm_pix_loss" not in message
+    # a transformers config states all three
+    record = logged(convert_transformers_model, ViTMAEForPreTraining(ViTMAEConfig(**_small_vitmae())))
+    assert record.levelno == logging.INFO
+    assert "decoder_num_attention_heads=2 (transformers config), norm_pix_loss=False" in record.getMessage()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

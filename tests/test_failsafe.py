@@ -1,15 +1,31 @@
-"""Fail-safe training: non-finite gradients never reach the weights, non-finite weights are never saved."""
+"""Fail-safe training: non-finite gradients never reach the weights, non-finite weights are never saved, a killed run
+resumes exactly, bad input is a clear error."""
 
+import functools
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from helpers import TINY
 from test_fast_path import _common_args, _device_pretraining_data, _same, _Snapshots
+from transformers import TrainerCallback
 
-from hf_mae import MAEConfig, MAEForPreTraining
+from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining
+from hf_mae.data import (
+    ClassificationCollator,
+    PretrainCollator,
+    apply_transform,
+    build_finetune_transform,
+    build_mixup,
+    build_pretrain_transform,
+)
+from hf_mae.data.device_data import DeviceAugmentCollator, DeviceImageDataset
 from hf_mae.training import (
     DataArguments,
+    MAEFinetuningArguments,
     MAEPretrainingArguments,
     MAETrainer,
     ModelArguments,
@@ -80,11 +96,11 @@ def _pretrain_args(tmp_path, **overrides) -> MAEPretrainingArguments:
     return MAEPretrainingArguments(**_common_args(tmp_path, save_strategy="steps", save_steps=2, **overrides))
 
 
-def _trainer(args) -> MAETrainer:
+def _trainer(args, **kwargs) -> MAETrainer:
     torch.manual_seed(0)
     dataset, collator = _device_pretraining_data()
     return MAETrainer(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=dataset,
-                      data_collator=collator)  # fmt: skip
+                      data_collator=collator, **kwargs)  # fmt: skip
 
 
 def test_a_finished_run_is_not_overwritten_without_the_flag(tmp_path):
@@ -127,6 +143,67 @@ def test_resume_latest_skips_incomplete_checkpoints(tmp_path, caplog):
     assert trainer.state.global_step == 6
     with pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_resume_checkpoint(True, tmp_path / "empty")
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL in-process: no `except Exception` and no cleanup handler of the trainer sees it."""
+
+
+def test_a_kill_during_a_save_leaves_no_checkpoint_that_looks_complete(tmp_path, caplog, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    save_rng_state = MAETrainer._save_rng_state
+
+    def killed_at_step_4(self, output_dir):  # weights, optimizer and scheduler of checkpoint-4 are written by now
+        if self.state.global_step == 4:
+            raise _Killed
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(MAETrainer, "_save_rng_state", killed_at_step_4)
+    with pytest.raises(_Killed):
+        _trainer(_pretrain_args(tmp_path, max_steps=6)).train()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["_partial-checkpoint-4", "checkpoint-2"]
+    assert (tmp_path / "_partial-checkpoint-4" / "model.safetensors").is_file()  # the kill came mid-save
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")  # for transformers' own lookup too
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "_partial-checkpoint-4: the save of that checkpoint was interrupted" in caplog.text
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=6, save_total_limit=2))
+    trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 6
+    # the interrupted save was redone, and rotation kept the newest two
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-6"]
+    assert all(incomplete_reason(tmp_path / name) is None for name in ("checkpoint-4", "checkpoint-6"))
+
+
+def test_atomic_checkpoints_hold_what_the_stock_trainer_writes(tmp_path, monkeypatch):
+    """The same files, rotation and best-model tracking as `transformers.Trainer._save_checkpoint`, whose steps
+    MAETrainer._write_checkpoint repeats: this fails if a transformers release writes something more."""
+    import json
+
+    import transformers
+
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    eval_images = [{"pixel_values": image, "label": 0} for image in images]
+    best = dict(eval_strategy="steps", eval_steps=2, save_total_limit=1, load_best_model_at_end=True,
+                metric_for_best_model="loss", greater_is_better=True)  # fmt: skip
+    runs = {}
+    for name in ("stock", "atomic"):
+        if name == "stock":
+            monkeypatch.setattr(MAETrainer, "_save_checkpoint", transformers.Trainer._save_checkpoint)
+        trainer = _trainer(_pretrain_args(tmp_path / name, max_steps=6, **best), eval_dataset=eval_images)
+        trainer.train()
+        monkeypatch.undo()
+        checkpoints = sorted(p for p in (tmp_path / name).iterdir() if p.is_dir())
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        runs[name] = (
+            [(p.name, sorted(f.name for f in p.iterdir())) for p in checkpoints],
+            Path(state["best_model_checkpoint"]).name,
+            {k: v for k, v in state.items() if k not in ("best_model_checkpoint", "log_history")},
+        )
+    assert runs["atomic"] == runs["stock"]
+    # rotation and the end of training (save_total_limit=1 with load_best_model_at_end) kept the best checkpoint only
+    assert [name for name, _ in runs["stock"][0]] == [runs["stock"][1]]
 
 
 def test_full_disk_says_no_space_and_names_the_path(tmp_path, monkeypatch):
@@ -263,3 +340,211 @@ def test_from_pretrained_with_truncated_weights_names_the_directory(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"{tmp_path}: a \*\.safetensors weights file is truncated or corrupt"):
         MAEForPreTraining.from_pretrained(tmp_path)
+
+
+# -- exact resume mid-epoch ------------------------------------------------------------------------------------------
+
+
+class _StopAfterSave(TrainerCallback):
+    """Ends the process's run right after checkpoint `step` is written, as a kill would (tests/scripts/
+    sigkill_after_save.py kills for real)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Stopped
+
+
+class _Stopped(Exception):
+    pass
+
+
+@functools.cache
+def _image_dataset(n: int = 40):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def _resume_run(out, task: str, device_data: bool, stop_at=None, resume=None, **overrides) -> dict:
+    """8 steps of 8 images from 40 (5 steps per epoch), a checkpoint every 3: steps 3 and 6 are mid-epoch."""
+    transformers.set_seed(0)
+    data = _image_dataset()
+    args = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=8, warmup_steps=2, save_steps=3,
+                save_strategy="steps", logging_steps=100, report_to="none", disable_tqdm=True, seed=0,
+                base_learning_rate=None, learning_rate=1e-3, dataloader_num_workers=0)  # fmt: skip
+    args.update(overrides)
+    if device_data:
+        images = torch.stack([torch.tensor(np.asarray(image)).permute(2, 0, 1) for image in data["image"]])
+        train = DeviceImageDataset(images, torch.tensor(data["label"]))
+        collator = DeviceAugmentCollator(train, 16, seed=0)
+    mixup = None
+    if task == "pretrain":
+        model = MAEForPreTraining(MAEConfig(**TINY))
+        args = MAEPretrainingArguments(**args)
+        if not device_data:
+            train, collator = apply_transform(data, build_pretrain_transform(16)), PretrainCollator()
+    else:  # MAE's full fine-tuning recipe: RandAugment, random erasing, Mixup / CutMix, drop path
+        model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.1))
+        args = MAEFinetuningArguments(**args)
+        if not device_data:
+            train = apply_transform(data, build_finetune_transform(16, "full", re_prob=0.5))
+            collator = ClassificationCollator()
+        mixup = build_mixup("full", 3)
+    callbacks = [_StopAfterSave(stop_at)] if stop_at else []
+    trainer = MAETrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=callbacks,
+                         mixup=mixup)  # fmt: skip
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except _Stopped:
+        return {}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "task, device_data, overrides",
+    [
+        pytest.param("pretrain", False, {}, id="pretrain"),
+        pytest.param("finetune", False, {}, id="finetune-randaugment-mixup-droppath"),
+        pytest.param("pretrain", True, {}, id="pretrain-device-data"),
+        pytest.param("finetune", True, {}, id="finetune-device-data-mixup", marks=pytest.mark.slow),
+        pytest.param(
+            "pretrain",
+            False,
+            {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+            id="accumulation",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_resume_mid_epoch_matches_the_uninterrupted_run(task, device_data, overrides, tmp_path):
+    # stopped after checkpoint-3 (epoch 0, step 3 of 5), resumed and stopped after checkpoint-6 (epoch 1, step 1 of
+    # 5), resumed to the end: every augmentation, mask and drop-path draw must be the uninterrupted run's
+    full = _resume_run(tmp_path / "full", task, device_data, **overrides)
+    killed = tmp_path / "killed"
+    _resume_run(killed, task, device_data, stop_at=3, **overrides)
+    _resume_run(killed, task, device_data, stop_at=6, resume=str(killed / "checkpoint-3"), **overrides)
+    resumed = _resume_run(killed, task, device_data, resume="latest", **overrides)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.allclose(full[key], resumed[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_with_persistent_workers(tmp_path):
+    overrides = dict(dataloader_num_workers=2, dataloader_persistent_workers=True)
+    full = _resume_run(tmp_path / "full", "finetune", False, **overrides)
+    killed = tmp_path / "killed"
+    _resume_run(killed, "finetune", False, stop_at=6, **overrides)
+    resumed = _resume_run(killed, "finetune", False, resume="latest", **overrides)
+    for key in full:
+        assert torch.allclose(full[key], resumed[key], atol=1e-6), key
+
+
+def _epoch_draws(dataset, epochs: int, **loader_kwargs) -> list[torch.Tensor]:
+    # a generator of its own for the workers' base seed, as MAETrainer gives its train loader
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, generator=torch.Generator(), **loader_kwargs)
+    draws = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        draws.append(torch.cat([batch for batch in loader]))
+    return draws
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(()) + 10 * i
+
+
+def test_batch_augmentation_depends_on_seed_epoch_and_indices_only():
+    from hf_mae.data.seeding import EpochSeededDataset
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    in_process = _epoch_draws(EpochSeededDataset(_RandomItems(), seed=0), 3)
+    assert torch.equal(torch.get_rng_state(), before)  # data loading left the global generator alone
+    assert not torch.equal(in_process[0], in_process[1]) and not torch.equal(in_process[1], in_process[2])
+    # the same draws in (persistent) worker processes, which see each new epoch
+    workers = _epoch_draws(EpochSeededDataset(_RandomItems(), seed=0), 3, num_workers=2, persistent_workers=True)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, workers))
+    assert not torch.equal(in_process[0], _epoch_draws(EpochSeededDataset(_RandomItems(), seed=1), 1)[0])
+
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    collator = DeviceAugmentCollator(DeviceImageDataset(images), image_size=16, seed=0)
+    first = collator([4, 1])["pixel_values"]
+    collator([0, 2])  # what came before does not matter
+    assert torch.equal(collator([4, 1])["pixel_values"], first)
+    collator.set_epoch(1)
+    assert not torch.equal(collator([4, 1])["pixel_values"], first)
+
+
+# -- data errors a user can act on -----------------------------------------------------------------------------------
+
+
+def _image_folder(root: Path, files: dict[str, bytes | None]) -> Path:
+    """`root/<relative path>`: a real PNG for None, else the given bytes; a path ending in "/" is an empty folder."""
+    import io
+
+    from PIL import Image
+
+    for rel, data in files.items():
+        path = root / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+            data = buffer.getvalue()
+        path.write_bytes(data)
+    return root
+
+
+def test_a_folder_without_a_readable_image_names_the_folder(tmp_path):
+    from hf_mae.data import load_image_dataset
+
+    for layout in ({"cat/a.jpg": b"not an image", "dog/b.png": b"\x89PNG"}, {"a.jpg": b"", "b.png": b"xx"}):
+        root = _image_folder(tmp_path / f"train{len(layout)}{next(iter(layout))[0]}", layout)
+        with pytest.raises(ValueError, match=rf"No readable image in {root}: none of its 2 image file"):
+            load_image_dataset(train_dir=str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_train_class_folder_without_images_is_an_error_naming_it(tmp_path, caplog):
+    from hf_mae.data import load_image_dataset
+
+    cache = str(tmp_path / "cache")
+    train = _image_folder(tmp_path / "train", {"cat/a.png": None, "cat/b.png": None, "dog/": None, "emu/c.png": None})
+    with pytest.raises(ValueError, match=rf"1 class folder\(s\) of {train} hold no readable image: {train / 'dog'}\."):
+        load_image_dataset(train_dir=str(train), cache_dir=cache)
+    # a class whose only files cannot be decoded has no image either (found after decoding)
+    (train / "dog" / "broken.jpg").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=rf"hold no readable image: {train / 'dog'}\."):
+        load_image_dataset(train_dir=str(train), cache_dir=cache)
+    # in a validation folder it is a warning: the classes come from train
+    (train / "dog" / "d.png").write_bytes((train / "cat" / "a.png").read_bytes())
+    val = _image_folder(tmp_path / "val", {"cat/a.png": None, "dog/": None, "emu/b.png": None})
+    dataset = load_image_dataset(train_dir=str(train), validation_dir=str(val), cache_dir=cache)
+    assert dataset["train"].features["label"].names == ["cat", "dog", "emu"] and len(dataset["validation"]) == 2
+    assert f"1 class folder(s) of {val} hold no readable image: {val / 'dog'}" in caplog.text
+
+
+def test_a_tiny_imagenet_class_without_train_images_is_an_error_naming_it(tmp_path):
+    from hf_mae.data import load_tiny_imagenet
+
+    root = _image_folder(tmp_path / "tiny-imagenet-200", {"train/n01/images/n01_0.JPEG": None,
+                                                          "train/n02/images/": None, "val/images/val_0.JPEG": None})  # fmt: skip
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t7\t7\n")
+    with pytest.raises(ValueError, match=r"class folder\(s\) of .*train hold no readable image: .*train/n02/images\."):
+        load_tiny_imagenet(str(root), cache_dir=str(tmp_path / "cache"))

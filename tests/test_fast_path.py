@@ -13,6 +13,7 @@ from hf_mae import DMAEConfig, DMAEForPreTraining, MAEConfig, MAEForImageClassif
 from hf_mae.data import build_mixup
 from hf_mae.data.device_data import DeviceAugmentCollator, DeviceImageDataset
 from hf_mae.training import (
+    DMAETeacher,
     DMAETrainer,
     DMAETrainingArguments,
     MAEFinetuningArguments,
@@ -88,12 +89,13 @@ def _run(task: str, tmp_path, **overrides) -> tuple[CountSyncsPerStep, MAETraine
         mixup = build_mixup("full", num_classes=3)
         trainer_cls = MAETrainer
     else:
-        teacher = MAEModel(MAEConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2,
-                                     num_attention_heads=4))  # fmt: skip
-        model = DMAEForPreTraining(DMAEConfig(**TINY), teacher=teacher)
+        model = DMAEForPreTraining(DMAEConfig(**TINY, teacher_hidden_size=24))
         args = DMAETrainingArguments(**_common_args(tmp_path, **overrides))
         trainer_cls = DMAETrainer
     kwargs = {"mixup": mixup} if mixup is not None else {}
+    if task == "distill":
+        kwargs["teacher"] = MAEModel(MAEConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2,
+                                               num_attention_heads=4))  # fmt: skip
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[counter], **kwargs
     )
@@ -183,17 +185,23 @@ def test_models_compile_to_one_graph_without_recompiling(task):
         model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.1))
         inputs = {"labels": torch.tensor([0, 2])}
     else:
-        teacher = MAEModel(MAEConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2,
+        model = DMAEForPreTraining(DMAEConfig(**TINY, teacher_hidden_size=24))
+        encoder = MAEModel(MAEConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2,
                                      num_attention_heads=4))  # fmt: skip
-        model = DMAEForPreTraining(DMAEConfig(**TINY), teacher=teacher)
+        # the frozen teacher DMAETrainer runs next to the student, on the student's patches
+        teacher = torch.compile(DMAETeacher(encoder, model.config), backend="aot_eager", fullgraph=True, dynamic=False)
         inputs = {}
     model.train()
     # fullgraph: any graph break raises; error_on_recompile: new random masks must not retrace
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
-            out = compiled(pixel_values=torch.randn(2, 3, 16, 16), **inputs)
+            x = torch.randn(2, 3, 16, 16)
+            out = compiled(pixel_values=x, **inputs)
             out.loss.backward()
+            if task == "distill":
+                with torch.no_grad():
+                    assert teacher(x, out.ids_restore.float(), 0.75).shape == out.student_features.shape
     assert torch.isfinite(out.loss)
 
 

@@ -225,22 +225,27 @@ def test_pretraining_figure_and_card_leave_the_model_in_place(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    # 4 steps per epoch, a checkpoint every 3 steps: killed after checkpoint-3 (epoch 0) and, resumed, after
+    # checkpoint-6 (epoch 1), both mid-epoch; the final weights must be the uninterrupted run's
     common = [
         "--dataset_name", "digits", "--preset", "demo-tiny-32", "--report_to", "none", "--disable_tqdm", "true",
-        "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--max_steps", "8",
-        "--warmup_steps", "2", "--save_steps", "4", "--num_reconstructions", "0", "--eval_strategy", "no",
+        "--per_device_train_batch_size", "16", "--max_train_samples", "64", "--max_steps", "10",
+        "--warmup_steps", "2", "--save_steps", "3", "--num_reconstructions", "0", "--eval_strategy", "no",
         "--seed", "3",
     ]  # fmt: skip
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run([sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(full)])
-    result = subprocess.run(
-        [sys.executable, "tests/scripts/pretrain_then_sigkill.py", "4", *common, "--output_dir", str(killed)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == -9, result.stderr[-3000:]  # really killed by SIGKILL
-    assert (killed / "checkpoint-4").is_dir() and not (killed / "model.safetensors").exists()
-    _run([sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(killed),
-          "--resume_from_checkpoint", str(killed / "checkpoint-4")])  # fmt: skip
+    for step, resume in ((3, []), (6, ["--resume_from_checkpoint", str(killed / "checkpoint-3")])):
+        result = subprocess.run(
+            [sys.executable, "tests/scripts/sigkill_after_save.py", "pretrain", str(step), *common,
+             "--output_dir", str(killed), *resume],
+            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == -9, result.stderr[-3000:]  # really killed by SIGKILL
+        assert (killed / f"checkpoint-{step}").is_dir() and not (killed / "model.safetensors").exists()
+    _run(
+        [sys.executable, "examples/run_pretrain.py", *common, "--output_dir", str(killed), "--resume_from_checkpoint"]
+    )
     a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:

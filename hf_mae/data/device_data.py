@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .seeding import EpochSeeded
 from .transforms import _decode
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class DeviceImageDataset(torch.utils.data.Dataset):
         return index
 
 
-class DeviceAugmentCollator:
+class DeviceAugmentCollator(EpochSeeded):
     """Indices from a [`DeviceImageDataset`] -> `{"pixel_values": float32 [B, C, S, S]}` (+ `"labels"`) on its
     device: RandomResizedCrop(`scale`, `ratio`), horizontal flip with probability `flip_prob`, normalisation.
 
@@ -211,8 +212,10 @@ class DeviceAugmentCollator:
             fine-tuning augmentation: (0.08, 1)).
         interpolation: "bicubic" (MAE's choice) or "bilinear".
         mean, std: normalisation, ImageNet's by default.
-        seed: seeds a generator of this collator's own on the device; `None` draws from torch's global generator
-            (seeded by `set_seed`). Give each process its own seed (e.g. `seed + process_index`).
+        seed: the crops and flips of a batch are drawn from a generator of this collator's own on the device,
+            seeded with `batch_seed(seed, epoch, indices)` (hf_mae.data.seeding): they depend on the batch alone, not
+            on how many batches came before, so a run resumed mid-epoch draws what the uninterrupted one drew.
+            `None` draws from torch's global generator instead (seeded by `set_seed`).
         fallback: collator for batches of ordinary examples (dicts), e.g. the evaluation split that the Trainer
             collates with the same `data_collator`. Default: stack `pixel_values` (+ `label` when the dataset has
             labels).
@@ -248,6 +251,7 @@ class DeviceAugmentCollator:
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / std_t
+        super().__init__(seed)
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         if fallback is None:
             from .transforms import ClassificationCollator, PretrainCollator
@@ -270,6 +274,8 @@ class DeviceAugmentCollator:
             return self.fallback(examples)
         if torch.utils.data.get_worker_info() is not None and self.dataset.device.type != "cpu":
             raise RuntimeError("DeviceAugmentCollator runs in the main process only: set dataloader_num_workers=0")
+        if self.generator is not None:
+            self.generator.manual_seed(self.batch_seed(examples))  # host-side: no sync with the device
         indices = torch.as_tensor(examples, dtype=torch.long).to(self.dataset.device, non_blocking=True)
         batch = {"pixel_values": self.augment(indices)}
         if self.dataset.labels is not None:
@@ -297,7 +303,8 @@ def device_train_data(
         with_labels: also keep the labels (fine-tuning).
         mean, std: normalisation, ImageNet's by default.
 
-    The collator's generator is seeded with `args.seed + args.process_index`, so processes draw different crops.
+    The collator seeds each batch from `args.seed`, the epoch and the batch's indices; processes read different
+    indices, so they draw different crops.
     """
     if aug not in DEVICE_AUGS:
         raise ValueError(
@@ -315,9 +322,7 @@ def device_train_data(
     if getattr(args.accelerator_config, "non_blocking", False):
         args.accelerator_config.non_blocking = False  # batches are born on the device: nothing to copy
     logger.info("device data path: %d images, %.2f GB uint8 on %s", len(dataset), images.numel() / 1e9, dataset.device)
-    collator = DeviceAugmentCollator(
-        dataset, image_size, scale=DEVICE_AUGS[aug], seed=args.seed + args.process_index, mean=mean, std=std
-    )
+    collator = DeviceAugmentCollator(dataset, image_size, scale=DEVICE_AUGS[aug], seed=args.seed, mean=mean, std=std)
     return dataset, collator
 
 

@@ -94,6 +94,26 @@ def log_skipped(num_files: int, num_kept: int, where: str) -> None:
         logger.info("Read %d images from %s.", num_kept, where)
 
 
+def check_class_coverage(labels: Sequence[int], class_folders: Sequence[str], where: str, required: bool) -> None:
+    """Report the classes with no image among `labels`, naming their folders.
+
+    Each class folder is a label: an empty one still counts in `num_labels`, and the model gets a class it never
+    sees. In a training split (`required`) that is a `ValueError` (almost always a failed copy or extraction); in a
+    validation split a warning (its accuracy then leaves those classes out).
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_folders))
+    empty = [folder for folder, count in zip(class_folders, counts) if count == 0]
+    if not empty:
+        return
+    shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    if required:
+        raise ValueError(
+            f"{len(empty)} class folder(s) of {where} hold no readable image: {shown}. Each class folder is a label: "
+            "add images to it or remove it."
+        )
+    logger.warning("%d class folder(s) of %s hold no readable image: %s.", len(empty), where, shown)
+
+
 def generate_examples(
     members: list[str], labels: list[int], names: list[str], archive: str | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -126,11 +146,15 @@ def build_dataset(
     where: str,
     archive: str | None = None,
     num_proc: int | None = None,
+    class_folders: Sequence[str] | None = None,
+    require_every_class: bool = False,
 ) -> Dataset:
     """Decode and check every file once and store the (embedded) image bytes in an Arrow dataset.
 
     `cache_key` names the `datasets` cache entry: it must change whenever the files do. `where` names the source in
-    the summary log line.
+    the summary log line and in the error when no file is a readable image. With `class_names`, a class left with no
+    readable image is reported by [`check_class_coverage`] (an error when `require_every_class`, as for a training
+    split), naming its entry of `class_folders` (default: the class name).
     """
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
@@ -140,15 +164,26 @@ def build_dataset(
     features = Features({"image": {"bytes": Value("binary"), "path": Value("string")}})
     if class_names:
         features["label"] = ClassLabel(names=list(class_names))
-    dataset = Dataset.from_generator(
-        generate_examples,
-        features=features,
-        gen_kwargs={"members": members, "labels": labels, "names": names, "archive": archive},
-        cache_dir=cache_dir,
-        fingerprint=cache_key,
-        num_proc=num_proc if num_proc and len(members) >= num_proc else None,
-    )
+    try:
+        dataset = Dataset.from_generator(
+            generate_examples,
+            features=features,
+            gen_kwargs={"members": members, "labels": labels, "names": names, "archive": archive},
+            cache_dir=cache_dir,
+            fingerprint=cache_key,
+            num_proc=num_proc if num_proc and len(members) >= num_proc else None,
+        )
+    except ValueError as err:  # datasets' words for an empty split: 'Instruction "train" corresponds to no data!'
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(
+            f"No readable image in {where}: none of its {len(members)} image file(s) could be decoded (each is "
+            "named in a warning above)."
+        ) from None
     log_skipped(len(members), len(dataset), where)
+    if class_names:
+        folders = list(class_folders) if class_folders is not None else list(class_names)
+        check_class_coverage(dataset["label"], folders, where, require_every_class)
     return dataset.cast_column("image", ImageFeature(mode="RGB"))
 
 
@@ -167,6 +202,8 @@ def _list_image_files(root: Path, class_names: Sequence[str] | None = None) -> t
             if path.suffix.lower() in _IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file():
                 paths.append(str(path))
                 labels.append(label)
+    if found and class_names is None and paths:  # a training tree: before decoding anything, an empty class folder
+        check_class_coverage(labels, [str(folder) for folder, _ in groups], str(root), required=True)
     return paths, labels, names if found else []
 
 
@@ -176,7 +213,9 @@ def _folder_dataset(root: str, class_names: Sequence[str] | None, cache_dir: str
         raise ValueError(f"No image files found in {root}.")
     # The cache is keyed by every file's path, size and mtime, so an edited folder is read again.
     stats = [(p, (st := os.stat(p)).st_size, st.st_mtime_ns) for p in paths]
-    return build_dataset(paths, labels, paths, names, fingerprint("folder", stats, names), cache_dir, root)
+    folders = [str(Path(root).expanduser() / name) for name in names]
+    return build_dataset(paths, labels, paths, names, fingerprint("folder", stats, names), cache_dir, root,
+                         class_folders=folders, require_every_class=class_names is None)  # fmt: skip
 
 
 def rename_validation_split(dataset: DatasetDict) -> DatasetDict:

@@ -130,6 +130,11 @@ def _convert(layout: _OriginalLayout, target: Path, num_proc: int | None) -> Non
                     f"{layout.root}{split}",
                     layout.archive,
                     num_proc,
+                    class_folders=[
+                        f"{layout.root}train/{wnid}/images" if split == "train" else f"{layout.root}val ({wnid})"
+                        for wnid in class_names
+                    ],
+                    require_every_class=split == "train",
                 )
                 for split, files in splits.items()
             }

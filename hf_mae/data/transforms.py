@@ -2,7 +2,7 @@
 
 Built from torchvision.transforms.v2 and timm; only the recipes (which pieces, which values) are written here:
 - pretraining `standard`: MAE's RandomResizedCrop(scale 0.2-1, bicubic) + flip;
-- pretraining `3augment`: DeiT III's 3-Augment; `3augment_seed`: the variant shared/seed ran;
+- pretraining `3augment`: DeiT III's 3-Augment; `3augment_seed`: the variant the reproduction study ran;
 - fine-tuning `small`: RandomResizedCrop + flip, no Mixup / CutMix / label smoothing; `full`: MAE's fine-tuning recipe
   (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8, CutMix 1.0, label smoothing 0.1);
 - evaluation: resize to `image_size / crop_pct` and center crop (64 px -> 73 -> 64).
@@ -51,9 +51,10 @@ def _patch_timm_posterize() -> None:
 
 
 if TYPE_CHECKING:
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, IterableDataset
 
 PRETRAIN_AUGS = ("standard", "3augment", "3augment_seed")
+STREAM_MAP_BATCH = 32
 FINETUNE_AUGS = ("small", "full")
 BICUBIC = InterpolationMode.BICUBIC
 
@@ -86,7 +87,7 @@ def build_pretrain_transform(
               scale (0.2, 1) rather than DeiT III's (0.08, 1) so that `standard` vs `3augment` changes only the
               colour operations (pass `crop_scale=(0.08, 1.0)` for DeiT III's crop). The blur's sigma range, DeiT
               III's (0.1, 2) at 224 px, is scaled by `image_size / 224` (as the seed did for 64 px).
-            - `"3augment_seed"`: what shared/seed ran: resize + RandomCrop(padding 4, reflect) (DeiT III's "simple
+            - `"3augment_seed"`: what the reproduction study ran: resize + RandomCrop(padding 4, reflect) (DeiT III's "simple
               random crop") + flip, then one of {grayscale, solarize with threshold 0 (which inverts every pixel),
               gaussian blur (kernel 3, sigma (0.1, 2) / 3.5)}, no colour jitter.
         mean (`Sequence[float]`), std (`Sequence[float]`):
@@ -312,13 +313,21 @@ def make_transform_fn(
 
 
 def apply_transform(
-    dataset: Dataset | DatasetDict,
+    dataset: Dataset | DatasetDict | IterableDataset,
     transform: Callable[[Image.Image], torch.Tensor],
     image_column: str = "image",
     label_column: str = "label",
-) -> Dataset | DatasetDict:
-    """`dataset.with_transform(make_transform_fn(...))` with the image column left undecoded for the transform."""
+) -> Dataset | DatasetDict | IterableDataset:
+    """`dataset.with_transform(make_transform_fn(...))` with the image column left undecoded for the transform; for a
+    streamed `IterableDataset` (which has no `with_transform`) the same function is mapped lazily as it is read."""
     from datasets import Image as ImageFeature
+    from datasets import IterableDataset
 
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    return dataset.with_transform(make_transform_fn(transform, image_column, label_column))
+    transform_fn = make_transform_fn(transform, image_column, label_column)
+    if isinstance(dataset, IterableDataset):
+        # small batches: the transformed images of a whole batch are held at once in each data loader worker
+        return dataset.map(
+            transform_fn, batched=True, batch_size=STREAM_MAP_BATCH, remove_columns=dataset.column_names
+        )
+    return dataset.with_transform(transform_fn)

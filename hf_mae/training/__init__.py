@@ -10,6 +10,7 @@ from .dmae import DMAETrainer, DMAETrainingArguments, run_distillation
 from .knn import KNNArguments, KNNMonitor, knn_top1
 from .optim import param_groups
 from .pipeline import DataArguments, ModelArguments, parse_args, run_finetuning, run_main, run_pretraining
+from .teacher import DMAETeacher, load_teacher
 from .trainer import (
     MAETrainer,
     NonFiniteLossError,
@@ -20,6 +21,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "DMAETeacher",
     "DMAETrainer",
     "DMAETrainingArguments",
     "DataArguments",
@@ -35,6 +37,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "build_compute_metrics",
     "knn_top1",
+    "load_teacher",
     "newest_finite_checkpoint",
     "param_groups",
     "parse_args",

@@ -151,7 +151,7 @@ class KNNMonitor(TrainerCallback):
     Guarantees:
     - the training random stream is untouched (torch CPU and current CUDA device via `torch.random.fork_rng`, plus
       Python's and NumPy's generators), so a run with the monitor takes the same steps as one without;
-    - every module gets back its own train/eval mode (a frozen teacher inside a DMAE student stays in eval);
+    - every module gets back its own train/eval mode;
     - under DDP every process embeds its contiguous shard of the images with its replica (no gradient, no DDP hook)
       and the features are all-gathered, so all processes stay in step and compute the same value; sharded models
       (FSDP, ZeRO-3) are not supported (their forward needs the wrapper) and are refused with an error;

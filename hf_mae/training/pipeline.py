@@ -38,9 +38,10 @@ from ..data import (
 )
 from ..data.device_data import device_train_data
 from ..data.image_datasets import split_validation
+from ..data.streaming import load_streaming_dataset, materialize, prepare_training_for_stream, shuffle_stream
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from ..named_configs import recipe_names, recipe_path
-from ..visualize import plot_training_curves, reconstruction_figure, save_figure
+from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
 
@@ -148,6 +149,15 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None)
     crop_pct: float = field(default=0.875, metadata={"help": "eval: resize to size / crop_pct, then center crop"})
     num_reconstructions: int = field(default=8, metadata={"help": "validation images in the reconstruction PNG"})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "read the train split as training goes (a datasets IterableDataset: a Hub id or local data folder "
+            "given as --dataset_name, never downloaded whole), each process its own files; needs --max_steps and "
+            "warm-up / eval / save in steps. --max_train_samples then takes the stream's first examples; the "
+            "validation split (its first --max_eval_samples) is read once into the cache"
+        },
+    )
     device_data: bool = field(
         default=False,
         metadata={
@@ -181,7 +191,8 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 def load_data(data_args: DataArguments, image_size: int, seed: int = 0, model_args: ModelArguments | None = None):
     """DatasetDict {train, validation} with `image` and (when labelled) `label` columns. `model_args` gives the Hub
     access (`cache_dir`, `token`, `trust_remote_code`); a validation split is carved out of train with
-    `train_val_split` when the data has none."""
+    `train_val_split` when the data has none. With `--streaming` the train split is a shuffled `IterableDataset`
+    (hf_mae.data.streaming)."""
     hub = model_args or ModelArguments()
     builtin = data_args.dataset_name in BUILTIN_DATASETS or data_args.tiny_imagenet_source
     if data_args.dataset_config_name and (data_args.train_dir or data_args.validation_dir or builtin):
@@ -189,6 +200,33 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0, model_ar
             f"dataset_config_name={data_args.dataset_config_name!r} names a configuration of a dataset that "
             "datasets.load_dataset loads (--dataset_name), not of --train_dir / digits / tiny-imagenet"
         )
+    if data_args.streaming:
+        if (
+            data_args.train_dir
+            or data_args.validation_dir
+            or data_args.dataset_name == "digits"
+            or data_args.device_data
+        ):
+            raise ValueError(
+                "--streaming reads a Hub dataset or a local data folder given as --dataset_name; it does not combine "
+                "with --train_dir / --validation_dir, the built-in digits or --device_data"
+            )
+        name = data_args.dataset_name
+        if name == "tiny-imagenet":
+            name = data_args.tiny_imagenet_source or TINY_IMAGENET_HUB_ID
+        streams = load_streaming_dataset(
+            name,
+            data_args.image_column_name,
+            data_args.label_column_name,
+            hub.cache_dir,
+            name=data_args.dataset_config_name,
+            token=hub.token,
+            trust_remote_code=hub.trust_remote_code,
+        )
+        ds = {"train": shuffle_stream(streams["train"], seed, data_args.max_train_samples)}
+        if "validation" in streams:
+            ds["validation"] = materialize(streams["validation"], data_args.max_eval_samples, hub.cache_dir)
+        return ds
     if data_args.train_dir or data_args.validation_dir:
         ds = load_image_dataset(
             train_dir=data_args.train_dir,
@@ -231,6 +269,11 @@ def knn_datasets(data_args: DataArguments, model_args: ModelArguments | None = N
     `data_args` name, each shuffled with `seed`, with the run's evaluation transform ([`build_eval_preprocessing`])."""
 
     def load(image_size: int, seed: int) -> tuple:
+        if data_args.streaming:
+            raise ValueError(
+                "the k-NN monitor indexes its memory images, which a stream cannot: with --streaming give the "
+                "monitor its data (KNNMonitor(train_dataset=..., eval_dataset=...)) or leave --knn_eval_steps 0"
+            )
         ds = load_data(data_args, image_size, seed, model_args)
         if "validation" not in ds or "label" not in ds["train"].column_names:
             raise ValueError("the k-NN monitor needs a labelled dataset with train and validation splits")
@@ -333,7 +376,10 @@ def _build_trainer(
 
 def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: int) -> None:
     """The reconstruction PNG, computed where the model already is (no in-place move or cast before it is saved),
-    also logged as an image to TensorBoard when the run reports there."""
+    also logged as an image to TensorBoard when the run reports there. Called on every process: under FSDP each
+    forward gathers the shards from all of them; the main process draws and writes."""
+    if not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
     param = next(model.parameters())
@@ -343,6 +389,10 @@ def _save_reconstructions(trainer: MAETrainer, eval_ds, num_images: int, seed: i
     was_training = model.training
     low_precision = param.dtype != torch.float32
     with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
+        if not trainer.is_world_process_zero():
+            reconstruct(model, images, noise)  # the same forward, for its share of FSDP's all-gathers
+            model.train(was_training)
+            return
         figure = reconstruction_figure(model, images, noise=noise, title=f"mask ratio {config.mask_ratio}")
     model.train(was_training)
     _log_figure_to_tensorboard(trainer, "reconstructions", figure)
@@ -423,8 +473,10 @@ def run_pretraining(
     model: MAEForPreTraining | None = None,
     trainer_cls: type[MAETrainer] = MAETrainer,
     extra_callbacks: list | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Pretrain an MAE (or, with `model`/`trainer_cls` from hf_mae.training.dmae, a DMAE student)."""
+    """Pretrain an MAE (or, with `model` / `trainer_cls` / `trainer_kwargs={"teacher": ...}` from
+    hf_mae.training.dmae, a DMAE student)."""
 
     set_seed(training_args.seed)
     if model is None:
@@ -437,6 +489,8 @@ def run_pretraining(
     config = model.config
     processor, eval_transform = build_eval_preprocessing(model_args, config.image_size, data_args.crop_pct)
     mean, std = image_statistics(processor)
+    if data_args.streaming:
+        prepare_training_for_stream(training_args)
     ds = load_data(data_args, config.image_size, training_args.seed, model_args)
     aug = training_args.pretrain_aug
     if data_args.device_data:
@@ -448,13 +502,21 @@ def run_pretraining(
     if "validation" in ds:
         eval_ds = apply_transform(ds["validation"], eval_transform)
     trainer = _build_trainer(
-        trainer_cls, model, training_args, train, eval_ds, collator, extra_callbacks, processing_class=processor
+        trainer_cls,
+        model,
+        training_args,
+        train,
+        eval_ds,
+        collator,
+        extra_callbacks,
+        processing_class=processor,
+        **(trainer_kwargs or {}),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results = {"train_loss": train_result.training_loss}
     if eval_ds is not None:
         results.update(trainer.evaluate())
-    if trainer.is_world_process_zero() and eval_ds is not None and data_args.num_reconstructions > 0:
+    if eval_ds is not None and data_args.num_reconstructions > 0:
         _save_reconstructions(trainer, eval_ds, data_args.num_reconstructions, training_args.seed)
     _finish(trainer, results, "pretraining", model_card_dataset(data_args))
     logger.info("pretraining results: %s", results)
@@ -473,14 +535,20 @@ def run_finetuning(
     config = load_config(MAEConfig, model_args, overrides)
     processor, eval_transform = build_eval_preprocessing(model_args, config.image_size, data_args.crop_pct)
     mean, std = image_statistics(processor)
+    if data_args.streaming:
+        prepare_training_for_stream(training_args)
     ds = load_data(data_args, config.image_size, training_args.seed, model_args)
-    if "label" not in ds["train"].column_names:
+    if "label" not in (ds["train"].column_names or []):
         raise ValueError("fine-tuning needs a labelled dataset: the train split has no `label` column")
     if "validation" not in ds:
         raise ValueError(
             "fine-tuning needs a validation split: give --validation_dir, or a train_val_split > 0 to hold one out"
         )
     names = get_label_names(ds["train"])
+    if not names:
+        raise ValueError(
+            "fine-tuning needs the class names: the train split's `label` column is not a datasets ClassLabel"
+        )
     config.update(
         dict(
             num_labels=len(names),

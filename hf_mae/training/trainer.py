@@ -13,10 +13,25 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from ..data import apply_mixup
+from ..data.device_data import DeviceImageDataset
+from ..data.seeding import EpochSeeded, EpochSeededDataset
 from ..modeling_mae import MAEForImageClassification, default_model_card, markdown_table
+from .fsdp import (
+    FSDP_MODEL_NAME,
+    check_fsdp_applied,
+    check_model_sharded,
+    enable_fsdp2_on_cpu,
+    incomplete_sharded_model,
+    load_sharded_model,
+    plain_model,
+    sharded_model_dirs,
+)
 from .optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -94,11 +109,14 @@ def newest_finite_checkpoint(output_dir: str | Path) -> Path | None:
     checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) is not None]
     for checkpoint in sorted(checkpoints, key=checkpoint_step, reverse=True):
         files = sorted(checkpoint.glob("*.safetensors"))
+        sharded = sharded_model_dirs(checkpoint)  # FSDP's SHARDED_STATE_DICT: no safetensors in the checkpoint
         try:
-            finite = bool(files)
+            finite = bool(files or sharded)
             for file in files:
                 with safe_open(str(file), framework="pt") as f:
                     finite = finite and not _nonfinite_tensors({k: f.get_tensor(k) for k in f.keys()})
+            for folder in sharded:
+                finite = finite and not _nonfinite_tensors(load_sharded_model(folder))
         except (OSError, RuntimeError, ValueError):  # unreadable: not a checkpoint to resume from
             finite = False
         if finite:
@@ -114,13 +132,19 @@ class OutputDirExistsError(FileExistsError):
 RUN_FILES = ("model.safetensors", "results.json", "trainer_state.json")
 
 
+# A checkpoint is written under this prefix and renamed to `checkpoint-<step>` once complete. The leading "_" keeps
+# it out of the Trainer's rotation (`checkpoint-*`), `get_last_checkpoint` and its Hub uploads (which skip "_*").
+PARTIAL_PREFIX = "_partial-"
+
+
 def checkpoint_step(path: Path) -> int | None:
     return int(path.name[11:]) if path.name.startswith("checkpoint-") and path.name[11:].isdigit() else None
 
 
 def incomplete_reason(checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, or None when it is complete. The Trainer writes trainer_state.json
-    last (after weights, optimizer, scheduler and RNG states), so it serves as the commit mark."""
+    """Why `checkpoint` cannot be resumed from, or None when it is complete. MAETrainer's checkpoints appear only
+    once complete (see `MAETrainer._save_checkpoint`); for those written otherwise (a stock Trainer, a copy cut
+    short), trainer_state.json, which the Trainer writes last, serves as the commit mark."""
     from safetensors import safe_open
 
     checkpoint = Path(checkpoint)
@@ -134,8 +158,11 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
     if step is not None and state.get("global_step") != step:
         return f"trainer_state.json is for step {state.get('global_step')}"
     weights = sorted(checkpoint.glob("*.safetensors"))
-    if not weights:
-        return "no weights (*.safetensors)"
+    if not weights and not sharded_model_dirs(checkpoint):
+        return f"no weights (*.safetensors or a sharded {FSDP_MODEL_NAME}_0)"
+    sharded_reason = incomplete_sharded_model(checkpoint)
+    if sharded_reason is not None:
+        return sharded_reason
     for file in weights:
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -146,7 +173,10 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
 
 
 def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest `checkpoint-<step>` in `output_dir` that is complete; each newer incomplete one is logged."""
+    """The newest `checkpoint-<step>` in `output_dir` that is complete; each newer incomplete one is logged, and so
+    is each save that was interrupted (a `_partial-checkpoint-<step>` folder)."""
+    for partial in sorted(Path(output_dir).glob(f"{PARTIAL_PREFIX}{PREFIX_CHECKPOINT_DIR}-*")):
+        logger.warning("ignoring %s: the save of that checkpoint was interrupted", partial)
     checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) is not None]
     for checkpoint in sorted(checkpoints, key=checkpoint_step, reverse=True):
         reason = incomplete_reason(checkpoint)
@@ -179,6 +209,9 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse to start a fresh run in a directory that holds a previous one, unless `overwrite`; with `overwrite`
     the previous run's checkpoints are removed so that a later `--resume_from_checkpoint latest` cannot pick them."""
     out = Path(output_dir)
+    for partial in out.glob(f"{PARTIAL_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):  # nothing anyone can resume from
+        logger.warning("removing %s, left by a save that was interrupted", partial)
+        shutil.rmtree(partial, ignore_errors=True)
     found = [name for name in RUN_FILES if (out / name).exists()]
     checkpoints = sorted(p for p in out.glob("checkpoint-*") if checkpoint_step(p) is not None)
     if not found and not checkpoints:
@@ -217,12 +250,31 @@ def _disk_error(error: Exception, path: Path) -> OSError | None:
 
 def _nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """1.0 on the device when any gradient the optimizer will apply holds NaN/inf (no host sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    # FSDP2 (DTensor) gradients: each process checks its own shard; the caller's all-reduce covers the others
+    grads = [
+        p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
     if not grads:
         return None
     norms = torch._foreach_norm(grads)  # fused per device and dtype; a NaN/inf element makes its norm NaN/inf
     total = torch.stack([n.float() for n in norms]).sum()
     return (~torch.isfinite(total)).float()
+
+
+class _SetDataEpoch(TrainerCallback):
+    """Tells the train dataset and the collator which epoch starts, for their per-batch seeds (on resume mid-epoch,
+    `state.epoch` is the fraction reached, e.g. 1.6 in epoch 1)."""
+
+    def __init__(self, trainer: MAETrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for holder in (self.trainer._seeded_train, self.trainer.data_collator):
+            if isinstance(holder, EpochSeeded):
+                holder.set_epoch(int(state.epoch or 0))
 
 
 class MAETrainer(Trainer):
@@ -237,17 +289,62 @@ class MAETrainer(Trainer):
       so a run stops at most `max_nonfinite_steps - 1` steps after the limit is reached;
     - evaluation draws its random masks from `args.seed`, so `eval_loss` is comparable across evaluations;
     - `mixup` (a timm `Mixup`, from `hf_mae.data.build_mixup`) mixes training batches on the device; evaluation
-      batches keep their hard labels.
+      batches keep their hard labels;
+    - a run resumed from any checkpoint, mid-epoch too, takes the steps the uninterrupted run takes: the train
+      dataset is read through `hf_mae.data.seeding.EpochSeededDataset`, so each batch's augmentation is drawn from
+      (seed, epoch, its sample indices) and data loading, however far it prefetches, leaves the generators that the
+      model's mask noise, drop path and Mixup draw from (and that checkpoints save) untouched. The device data
+      path's collator seeds its batches the same way.
     """
 
     def __init__(self, *args, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mixup = mixup
+        self._seeded_train: EpochSeededDataset | None = None
+        self.add_callback(_SetDataEpoch(self))
         self._model_card_kwargs: dict[str, Any] = {}  # create_model_card's arguments so far
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
         self._nonfinite_reported = 0
         self._optimizer_steps = 0
+        self._saving_checkpoint = False
+        self._sharding_checked = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, then FSDP made real: on CPU processes accelerate would run an FSDP2 launch as
+        plain DDP, so its FSDP state is set here; FSDP requested but not set up is a `ValueError`."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp2_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+            if self.args.save_only_model and "SHARDED_STATE_DICT" in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type
+            ):
+                # as the Trainer checks on GPUs: such a checkpoint would hold no model at all
+                raise ValueError("save_only_model is not compatible with FSDP state dict type 'SHARDED_STATE_DICT'")
+        check_fsdp_applied(self.accelerator, self.args)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = self.train_dataset
+        # the device data path's items are bare indices: its collator seeds the batches itself
+        if dataset is not None and not isinstance(dataset, (torch.utils.data.IterableDataset, DeviceImageDataset)):
+            if self._seeded_train is None or self._seeded_train.dataset is not dataset:
+                self._seeded_train = EpochSeededDataset(dataset, self.args.seed)
+            dataset = self._seeded_train
+        if dataset is None:
+            return super().get_train_dataloader()  # its error
+        loader = self._get_dataloader(
+            dataset=dataset,
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+        # Each DataLoader iterator draws its workers' base seed when it starts. From the global generator, that draw
+        # would shift the model's random stream whenever a resumed run starts more iterators than the uninterrupted
+        # one did (persistent workers start once per loader, and resuming adds a loader). The batches are seeded by
+        # (seed, epoch, indices), so the workers' own seeds do not matter.
+        getattr(loader, "base_dataloader", loader).generator = torch.Generator().manual_seed(self.args.seed)
+        return loader
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -361,13 +458,71 @@ class MAETrainer(Trainer):
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, saved atomically: everything (weights, optimizer, scheduler, scaler, RNG
+        states of every process, trainer_state.json) is written to `_partial-checkpoint-<step>`, which the main
+        process renames to `checkpoint-<step>` once all processes are done, before the rotation. A kill or a full
+        disk during the save leaves no `checkpoint-<step>`, only the partial folder, which resume ignores and the
+        next save of that step replaces. A full disk is an `OSError` that says so and names the checkpoint."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{PARTIAL_PREFIX}{final.name}"
         try:
-            super()._save_checkpoint(model, trial)
+            if self.args.should_save and staging.exists():  # an earlier save of this step was interrupted
+                shutil.rmtree(staging)
+            self.accelerator.wait_for_everyone()
+            self._write_checkpoint(staging, final, trial)
+            self.accelerator.wait_for_everyone()  # every process wrote its part (its rng_state_<rank>.pth, shards)
+            if self.args.should_save:
+                if final.exists():  # saved before by a run that was resumed from an earlier checkpoint
+                    shutil.rmtree(final)
+                staging.rename(final)
+            self.accelerator.wait_for_everyone()
         except (OSError, RuntimeError) as error:
-            full = _disk_error(error, Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # on a full disk, give the space back
+            full = _disk_error(error, final)
             if full is None:
                 raise
             raise full from error
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _write_checkpoint(self, staging: Path, final: Path, trial) -> None:
+        """What `Trainer._save_checkpoint` writes, in its order, into `staging`; `best_model_checkpoint` names the
+        final folders (tests/test_failsafe.py checks that the files are those the stock Trainer writes)."""
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self._saving_checkpoint = True  # save_model: a checkpoint keeps FSDP's sharded model as it is
+        try:
+            self.save_model(str(staging), _internal_call=True)
+        finally:
+            self._saving_checkpoint = False
+        best_step = self.state.best_global_step
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+            best = final.parent / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+            if best_step == self.state.global_step or best.exists():
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        if self.args.should_save:
+            # the state of stateful callbacks (early stopping, ...) and of TrainerControl as of this step
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    name = callback.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(callback.state())
+                    else:
+                        self.state.stateful_callbacks[name] = callback.state()
+            self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as `Trainer.save_model` (checkpoints and the final model go through here), but never weights that
@@ -377,19 +532,45 @@ class MAETrainer(Trainer):
         bad = _nonfinite_tensors(tensors)
         flag = torch.tensor(float(bool(bad)), device=self.args.device)
         if self.accelerator.reduce(flag, reduction="sum").item():  # every process agrees, so none waits for another
-            target = output_dir or self.args.output_dir
+            target = Path(output_dir or self.args.output_dir)
+            if target.name.startswith(PARTIAL_PREFIX):  # a checkpoint: name the folder it would have become
+                target = target.with_name(target.name[len(PARTIAL_PREFIX) :])
             shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") if bad else "on another process"
             raise NonFiniteWeightsError(
                 f"Refusing to save {target}: {len(bad) or 'some'} weight tensor(s) hold NaN/inf ({shown}). "
                 + _resume_hint(self.args.output_dir)
             )
         try:
-            super().save_model(output_dir, _internal_call=_internal_call)
+            if self._gathers_for_save():
+                # the Trainer writes nothing here under FSDP's SHARDED_STATE_DICT (checkpoints get the shards): the
+                # final model is gathered (a collective: every process) and saved as a plain save_pretrained dir
+                state_dict = self.accelerator.get_state_dict(self.model)  # full on the main process only
+                sharded = self.model
+                if self.args.should_save:
+                    self.model = plain_model(self.accelerator.unwrap_model(sharded), state_dict)
+                try:
+                    self._save(output_dir, state_dict=state_dict)
+                finally:
+                    self.model = sharded
+                if self.args.push_to_hub and not _internal_call:
+                    self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            else:
+                super().save_model(output_dir, _internal_call=_internal_call)
         except (OSError, RuntimeError) as error:
             full = _disk_error(error, Path(output_dir or self.args.output_dir))
             if full is None:
                 raise
             raise full from error
+
+    def _gathers_for_save(self) -> bool:
+        """FSDP with a sharded state dict, saving the model outside a checkpoint."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return (
+            self.is_fsdp_enabled
+            and not self._saving_checkpoint
+            and plugin is not None
+            and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+        )
 
     @property
     def nonfinite_steps_skipped(self) -> int:
@@ -404,6 +585,9 @@ class MAETrainer(Trainer):
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self.is_fsdp_enabled and not self._sharding_checked:  # what trains is what the config asked for
+            check_model_sharded(model, self.accelerator.state.fsdp_plugin.fsdp_version)
+            self._sharding_checked = True
         if self.mixup is not None:
             inputs = self._prepare_inputs(inputs)
             inputs["pixel_values"], inputs["labels"] = apply_mixup(
