@@ -19,7 +19,8 @@ install_requires = [
 ]
 
 extras = {
-    "dev": ["pytest>=8", "ruff>=0.6"],
+    "slurm": ["submitit>=1.5"],  # the study's submitit executor (hf-mae study --executor submitit)
+    "dev": ["pytest>=8", "ruff>=0.6", "submitit>=1.5"],
 }
 
 setup(
@@ -30,8 +31,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["hf_mae", "hf_mae.*"]),
-    # the offline `evaluate` metric module is loaded from its folder, not imported
-    package_data={"hf_mae": ["metrics/topk_accuracy/*.py"]},
+    package_data={
+        "hf_mae": [
+            "metrics/topk_accuracy/*.py",  # the offline `evaluate` metric module is loaded from its folder
+            # the recipes, study grids and accelerate configs, addressable by name (hf_mae/named_configs.py); in a
+            # checkout examples/configs and accelerate_configs are symlinks to these folders
+            "recipes/*.yaml",
+            "accelerate_configs/*.yaml",
+        ]
+    },
+    entry_points={"console_scripts": ["hf-mae = hf_mae.cli:main"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -5,21 +5,23 @@
     # the paper's runs at full scale (Tiny ImageNet, one GPU per run): list them with their exact commands, then run
     python examples/run_study.py --scale full --dry-run
     python examples/run_study.py --scale full
+    # every run a Slurm job (pip install "hf_mae[slurm]"): dependencies, the grid's resources, requeue on preemption
+    python examples/run_study.py --scale full --executor submitit --resources partition=gpu account=my_account
     # some runs only (glob on run names; the runs they need are added), another grid, the report alone:
     python examples/run_study.py --scale demo --only 'mae_mask*'
-    python examples/run_study.py my_grid.yaml --scale full --launcher "accelerate launch --config_file accelerate_configs/multi_gpu.yaml"
+    python examples/run_study.py my_grid.yaml --scale full --launcher "accelerate launch --config_file multi_gpu"
     python examples/run_study.py --scale demo --report_only
 
 Rerunning skips finished runs (results.json present) and resumes interrupted ones from their last checkpoint; a
 failed run is recorded (outputs/<study>/study_status.json, its log in <run>/study.log) and the study goes on.
-This script is `python -m hf_mae.study` with `examples/configs/study_seed.yaml` as the default grid.
+This script is `hf-mae study` (= `python -m hf_mae.study`) with the grid `seed` (examples/configs/study_seed.yaml)
+as the default.
 """
 
-from pathlib import Path
-
 from hf_mae.study.__main__ import main as study_main
+from hf_mae.training import run_main
 
-DEFAULT_GRID = Path(__file__).resolve().parent / "configs" / "study_seed.yaml"
+DEFAULT_GRID = "seed"  # shipped with hf_mae: hf_mae/recipes/study_seed.yaml
 
 
 def main(argv=None):
@@ -27,4 +29,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # errors a user can act on: one message, exit code 1

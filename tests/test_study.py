@@ -190,7 +190,8 @@ def test_dry_run_lists_name_kind_dependencies_output_and_command(tmp_path):
         assert f"] {run.name}  kind={run.kind}" in text
         assert f"output_dir={run.output_dir}" in text
     line = next(x for x in text.splitlines() if "-m hf_mae.study finetune" in x and "mae_mask90-small" in x)
-    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml" in line
+    # the grid names a shipped accelerate config; the plan shows the file it resolved to
+    assert f"accelerate launch --config_file {ROOT / 'hf_mae' / 'accelerate_configs' / 'single_gpu.yaml'}" in line
     assert f"--model_name_or_path {tmp_path}/study/mae_mask90" in line and "--finetune_aug small" in line
     assert "depends_on=mae_mask90" in text
     assert not (tmp_path / "study").exists()  # a dry run writes nothing
@@ -399,6 +400,7 @@ def test_another_executor_gets_every_job_with_its_dependencies(tmp_path):
     jobs = {job.name: job for job in queue.submitted}
     assert list(jobs) == [r.name for r in study.runs] and not queue.jobs
     assert jobs["mae_a-full"].depends_on == ("mae_a",) and jobs["scratch-small"].depends_on == ()
+    assert jobs["mae_a"].resources == {} and jobs["mae_a"].output_dir == study.output_root / "mae_a"
     assert jobs["mae_a"].timeout == 60 and jobs["mae_a"].result_file == study.output_root / "mae_a" / "results.json"
     assert status["mae_a-small"]["status"] == status["scratch-small"]["status"] == "done"
     assert status["mae_b"]["status"] == "failed" and "NonFiniteLossError" in status["mae_b"]["error"]
@@ -569,3 +571,112 @@ def test_half_written_checkpoint_is_skipped_and_a_bare_rerun_restarts_explicitly
     run_study(study, executor=LocalExecutor(fake))
     (command,) = fake.commands
     assert "--overwrite_output_dir" in command and "--resume_from_checkpoint" not in command
+
+
+def test_only_half_written_checkpoints_restart_explicitly(tmp_path):
+    # killed while writing its first checkpoint: nothing to resume from, and a plain start would refuse the folder
+    study = _mini_study(tmp_path, keep={"mae_a"})
+    (study.output_root / "mae_a" / "checkpoint-4").mkdir(parents=True)
+    assert "state=restart" in format_plan(study)
+    fake = FakeRuns()
+    run_study(study, executor=LocalExecutor(fake))
+    (command,) = fake.commands
+    assert "--overwrite_output_dir" in command and "--resume_from_checkpoint" not in command
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resources (for a cluster scheduler) and names of shipped files in a grid
+# ----------------------------------------------------------------------------------------------------------------------
+RESOURCE_GRID = """
+name: res
+resources: {cpus: 4, account: lab}
+evaluations:
+  small: {kind: finetune, resources: {time: 90, gpus: 2}}
+scales:
+  full:
+    launcher: accelerate launch --config_file=multi_gpu
+    resources: {gpus: 1, time: "12:00:00", mem: 32G}
+pretraining:
+  - name: big
+    resources: {nodes: 2, partition: long}
+    full: {resources: {time: "2-00:00:00"}}
+    evaluate: [small]
+  - name: small_one
+    evaluate: [small]
+"""
+
+
+def test_resources_merge_grid_scale_variant_and_evaluation(tmp_path):
+    from hf_mae.named_configs import ACCELERATE_CONFIGS_DIR
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(RESOURCE_GRID)
+    study = plan_study(load_grid(path), "full", output_root=tmp_path / "o")
+    assert study.run("big").resources == {
+        "cpus": 4, "account": "lab", "gpus": 1, "time": 2880, "mem": 32.0, "nodes": 2, "partition": "long"
+    }  # fmt: skip
+    assert study.run("small_one").resources == {"cpus": 4, "account": "lab", "gpus": 1, "time": 720, "mem": 32.0}
+    assert study.run("big-small").resources == {"cpus": 4, "account": "lab", "gpus": 2, "time": 90, "mem": 32.0}
+    assert study.launcher[-1] == f"--config_file={ACCELERATE_CONFIGS_DIR / 'multi_gpu.yaml'}"
+
+
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        ("{gpu: 1}", r"scale 'full': unknown resources \['gpu'\]; known: gpus, nodes"),
+        ("{nodes: 0}", r"resources.nodes must be an integer >= 1, got 0"),
+        ("{gpus: two}", r"resources.gpus must be an integer >= 0, got 'two'"),
+        ("{time: '25 hours'}", r"resources.time must be minutes or '\[D-\]HH:MM:SS', got '25 hours'"),
+        ("{time: 0}", r"resources.time must be positive"),
+        ("{mem: lots}", r"resources.mem must be GB"),
+        ("{partition: ''}", r"resources.partition must be a non-empty string"),
+        ("[1, 2]", r"resources must be a mapping"),
+    ],
+)
+def test_bad_resources_are_errors_naming_where_and_what(tmp_path, resources, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(RESOURCE_GRID.replace('{gpus: 1, time: "12:00:00", mem: 32G}', resources))
+    with pytest.raises(ValueError, match=message):
+        plan_study(load_grid(path), "full")
+
+
+def test_time_and_memory_formats():
+    from hf_mae.study.plan import check_resources, parse_minutes
+
+    assert [parse_minutes(v, "t") for v in (90, 1.5, "02:00:00", "1-00:00:00", "1-02:30", "30:00", "00:00:30")] == [
+        90, 2, 120, 1440, 1590, 30, 1
+    ]  # fmt: skip
+    assert check_resources({"mem": "512M"}, "x") == {"mem": 0.5}
+    assert check_resources({"mem": "1T", "qos": " high "}, "x") == {"mem": 1024.0, "qos": "high"}
+
+
+def test_a_launcher_naming_no_shipped_accelerate_config_lists_them(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(RESOURCE_GRID.replace("--config_file=multi_gpu", "--config_file multi_gpus"))
+    with pytest.raises(FileNotFoundError, match="no accelerate config named 'multi_gpus'.*multi_gpu, multi_node"):
+        plan_study(load_grid(path), "full")
+
+
+def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, capsys):
+    from hf_mae.study.__main__ import main, parse_study_args
+
+    args = parse_study_args(["--grid", "seed", "--resources", "partition=gpu", "gpus=2", "time=1:00:00"])
+    assert args.grid == "seed" and args.resources == {"partition": "gpu", "gpus": 2, "time": 60}
+    assert args.executor == "local"
+    for argv, message in [
+        (["seed", "--grid", "seed"], "a grid twice"),
+        (["--grid", "seed", "--resources", "gpus"], "--resources takes KEY=VALUE, got 'gpus'"),
+        (["--grid", "seed", "--resources", "gpu=1"], "unknown resources"),
+        (["--grid", "seed", "--max_running", "2"], "--max_running apply to --executor submitit only"),
+        (["--grid", "seed", "--executor", "submitit", "--timeout", "60"], "--timeout is for the local executor"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_study_args(argv)
+        assert message in capsys.readouterr().err, argv
+    main(["--grid", "seed", "--scale", "full", "--dry-run", "--output_root", str(tmp_path / "s"), "--only",
+          "mae_mask90", "--resources", "account=me"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "[1/1] mae_mask90  kind=pretrain" in text
+    assert "resources=gpus=1,nodes=1,cpus=10,mem=64.0,time=480,account=me" in text  # the grid's, then --resources
+    with pytest.raises(FileNotFoundError, match="no study grid named 'sed'.*study grids: seed"):
+        main(["--grid", "sed", "--scale", "demo", "--dry-run"])

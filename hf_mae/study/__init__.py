@@ -3,13 +3,16 @@
 - `plan`: a grid YAML becomes the runs, each after the runs it needs ([`load_grid`], [`plan_study`],
   [`select_runs`]); its docstring has the grid's schema.
 - `execute`: the scheduler ([`run_study`]: skip finished runs, resume interrupted ones, record failures in
-  `study_status.json`), the pluggable [`Executor`] (today [`LocalExecutor`]: one subprocess per run) and the worker
+  `study_status.json`), the pluggable [`Executor`] ([`LocalExecutor`]: one subprocess per run) and the worker
   entry point [`run_one`].
+- `cluster`: [`SubmititExecutor`]: every run a submitit job on Slurm (dependencies, resources, requeue on
+  preemption) or on submitit's local executor; submitit itself is imported only when one is created.
 - `report`: tables and figures from what the runs left on disk ([`build_report`]).
-- `__main__`: the command line, `python -m hf_mae.study GRID --scale demo` (a whole study) and
+- `__main__`: the command line, `python -m hf_mae.study GRID --scale demo` (a whole study; `hf-mae study`) and
   `python -m hf_mae.study KIND --flags` (one run, what each job executes).
 """
 
+from .cluster import StudyJob, SubmititExecutor
 from .execute import (
     STATUS_FILE,
     Executor,
@@ -20,15 +23,29 @@ from .execute import (
     format_plan,
     is_finished,
     last_checkpoint,
+    make_job,
     prepared_command,
     read_status,
+    restart_flags,
     run_one,
     run_study,
 )
-from .plan import RUN_KINDS, Run, Study, Variant, load_grid, plan_study, select_runs, to_flags
+from .plan import (
+    RESOURCE_KEYS,
+    RUN_KINDS,
+    Run,
+    Study,
+    Variant,
+    check_resources,
+    load_grid,
+    plan_study,
+    select_runs,
+    to_flags,
+)
 from .report import build_report, collect_results
 
 __all__ = [
+    "RESOURCE_KEYS",
     "RUN_KINDS",
     "STATUS_FILE",
     "Executor",
@@ -36,18 +53,23 @@ __all__ = [
     "JobResult",
     "LocalExecutor",
     "Run",
+    "StudyJob",
+    "SubmititExecutor",
     "Study",
     "Variant",
     "build_report",
+    "check_resources",
     "collect_results",
     "execute_subprocess",
     "format_plan",
     "is_finished",
     "last_checkpoint",
     "load_grid",
+    "make_job",
     "plan_study",
     "prepared_command",
     "read_status",
+    "restart_flags",
     "run_one",
     "run_study",
     "select_runs",

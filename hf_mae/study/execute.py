@@ -5,8 +5,8 @@ newest complete `checkpoint-*`, restarts, fails before starting (a known problem
 not finish); the rest become [`Job`]s submitted to an [`Executor`] with the jobs they wait for. Results are recorded
 in `<output_root>/study_status.json` as they arrive, with the tail of the run's log on failure, and the study goes
 on. [`LocalExecutor`] runs one job at a time as a subprocess of this machine, so one crash, OOM or NaN stop cannot
-take the study down and memory is returned between runs. Another executor (a cluster's queue) implements the same
-three methods and is passed as `run_study(..., executor=...)`.
+take the study down and memory is returned between runs. Another executor implements the same three methods and is
+passed as `run_study(..., executor=...)`: [`~hf_mae.study.cluster.SubmititExecutor`] makes each job a Slurm job.
 
 Every job's command is `<launcher> -m hf_mae.study KIND --flags`, which calls [`run_one`] in the new process: the
 same command functions as the example scripts (`hf_mae.cli`).
@@ -20,10 +20,12 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,24 +56,31 @@ def last_checkpoint(run: Run) -> str | None:
     return None if checkpoint is None else str(checkpoint)
 
 
+def restart_flags(output_dir: Path) -> tuple[dict[str, Any], str]:
+    """The flags that (re)start the unfinished run in `output_dir` now, and what they do: resume from its newest
+    complete checkpoint (`resume from checkpoint-<step>`), start again over what it left without one (`restart`,
+    said explicitly with `--overwrite_output_dir`), or nothing to add (`run`)."""
+    checkpoint = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+    if checkpoint is not None:
+        return {"resume_from_checkpoint": str(checkpoint)}, f"resume from {checkpoint.name}"
+    if any((output_dir / name).exists() for name in RUN_FILES) or any(output_dir.glob("checkpoint-*")):
+        # a model, or only half-written checkpoints: the run refuses a fresh start over them unless told to replace
+        return {"overwrite_output_dir": True}, "restart"
+    return {}, "run"
+
+
 def prepared_command(study: Study, run: Run) -> tuple[list[str], str]:
     """The command that runs (or resumes) `run` now, and what it will do: `done`, `resume from ...`, `restart` or
-    `run`."""
+    `run` (see [`restart_flags`])."""
     if is_finished(run):
         return run.command(study.launcher), "done"
-    checkpoint = last_checkpoint(run)
-    if checkpoint:
-        resumed = replace(run, args={**run.args, "resume_from_checkpoint": checkpoint})
-        return resumed.command(study.launcher), f"resume from {Path(checkpoint).name}"
-    if any((run.output_dir / name).exists() for name in RUN_FILES):
-        # an unfinished run that left a model but nothing to resume from starts again: the study says so explicitly
-        restarted = replace(run, args={**run.args, "overwrite_output_dir": True})
-        return restarted.command(study.launcher), "restart"
-    return run.command(study.launcher), "run"
+    flags, state = restart_flags(run.output_dir)
+    return replace(run, args={**run.args, **flags}).command(study.launcher), state
 
 
 def format_plan(study: Study, runs: list[Run] | None = None) -> str:
-    """The dry-run listing: name, kind, depends-on, output dir, state and the exact command of every run."""
+    """The dry-run listing: name, kind, depends-on, output dir, state, resources (for a cluster; `time` in minutes,
+    `mem` in GB) and the exact command of every run."""
     runs = study.runs if runs is None else runs
     lines = [f"study {study.name!r}, scale {study.scale}: {len(runs)} runs into {study.output_root}"]
     if study.env:
@@ -79,9 +88,10 @@ def format_plan(study: Study, runs: list[Run] | None = None) -> str:
     for i, run in enumerate(runs, 1):
         command, state = prepared_command(study, run)
         state = f"will fail: {run.problem}" if run.problem and state != "done" else state
+        resources = ",".join(f"{k}={v}" for k, v in run.resources.items())
         lines += [
             f"[{i}/{len(runs)}] {run.name}  kind={run.kind}  depends_on={','.join(run.depends_on) or '-'}  "
-            f"output_dir={run.output_dir}  state={state}",
+            f"output_dir={run.output_dir}  state={state}" + (f"  resources={resources}" if resources else ""),
             "    " + shlex.join(command),
         ]
     return "\n".join(lines)
@@ -128,6 +138,8 @@ class Job:
         timeout (`float`, *optional*): seconds before the job is stopped and counted as failed.
         depends_on (`tuple[str, ...]`): names of jobs submitted earlier to the same executor that must succeed before
             this one starts; when one does not, this job ends `blocked` without starting.
+        resources (`dict[str, Any]`): what the job asks a cluster scheduler for (the grid's `resources`, see
+            [`~hf_mae.study.plan`]); an executor that runs jobs on this machine does not use them.
     """
 
     name: str
@@ -137,6 +149,12 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
     depends_on: tuple[str, ...] = ()
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        """The run's output directory (where its `results.json` and checkpoints go)."""
+        return self.result_file.parent
 
     def succeeded(self, returncode: int) -> bool:
         return returncode == 0 and self.result_file.exists()
@@ -149,12 +167,14 @@ class Job:
 
 @dataclass
 class JobResult:
-    """How a job ended: `status` is `done`, `failed` or `blocked` (a job it depends on did not succeed)."""
+    """How a job ended: `status` is `done`, `failed` or `blocked` (a job it depends on did not succeed); `job_id` is
+    the scheduler's id of the job, where it has one."""
 
     name: str
     status: str
     seconds: float | None = None
     error: str | None = None
+    job_id: str | None = None
 
 
 class Executor(abc.ABC):
@@ -177,22 +197,50 @@ class Executor(abc.ABC):
         """The state of the job called `name`."""
 
 
+def check_submission(job: Job, submitted: Collection[str]) -> None:
+    """`ValueError` for a job submitted twice to an executor, or depending on a job not submitted before it."""
+    unknown = [d for d in job.depends_on if d not in submitted]
+    if unknown:
+        raise ValueError(f"job {job.name!r} depends on {', '.join(unknown)}, not submitted before it")
+    if job.name in submitted:
+        raise ValueError(f"job {job.name!r} is submitted twice")
+
+
 Launch = Callable[[list[str], Path, dict[str, str], float | None], int]
 
 
 def execute_subprocess(command: list[str], log_path: Path, env: dict[str, str], timeout: float | None) -> int:
-    """Run `command`, stdout and stderr appended to `log_path`; the return code (124 on timeout)."""
+    """Run `command`, stdout and stderr appended to `log_path` after a `=== <start time> <command>` line; the return
+    code (124 on timeout). The command runs in a session of its own, so that a timeout, an interrupt or a preemption
+    stops its whole process tree (an `accelerate launch` and its workers), not its first process only."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+        log.write(f"\n=== {datetime.now().isoformat(sep=' ', timespec='milliseconds')} {shlex.join(command)}\n")
         log.flush()
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+        )
         try:
-            return subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, timeout=timeout
-            ).returncode
+            return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _stop_process_group(process)
             log.write(f"\n=== timed out after {timeout} s\n")
             return 124
+        except BaseException:  # KeyboardInterrupt, or the SystemExit of a requeue on preemption
+            _stop_process_group(process)
+            raise
+
+
+def _stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process's group, SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 class LocalExecutor(Executor):
@@ -205,12 +253,7 @@ class LocalExecutor(Executor):
         self._states: dict[str, str] = {}
 
     def submit(self, job: Job) -> None:
-        queued = {j.name for j in self._queue}
-        unknown = [d for d in job.depends_on if d not in queued]
-        if unknown:
-            raise ValueError(f"job {job.name!r} depends on {', '.join(unknown)}, not submitted before it")
-        if job.name in queued:
-            raise ValueError(f"job {job.name!r} is submitted twice")
+        check_submission(job, {j.name for j in self._queue})
         self._queue.append(job)
         self._states[job.name] = "pending"
 
@@ -250,6 +293,15 @@ class LocalExecutor(Executor):
 # ----------------------------------------------------------------------------------------------------------------------
 # The scheduler
 # ----------------------------------------------------------------------------------------------------------------------
+def make_job(
+    study: Study, run: Run, command: list[str], timeout: float | None = None, depends_on: tuple[str, ...] = ()
+) -> Job:
+    """The job that runs `command` for `run`: its log in `<output_dir>/study.log`, the study's environment, the
+    run's resources."""
+    log_path, result_file = run.output_dir / LOG_FILE, run.output_dir / RESULTS_FILE
+    return Job(run.name, command, log_path, result_file, study.env, timeout, depends_on, dict(run.resources))
+
+
 def run_study(
     study: Study,
     runs: list[Run] | None = None,
@@ -288,10 +340,7 @@ def run_study(
             status[run.name] = {**entry, "status": "failed", "error": run.problem}
             logger.error("%s: %s", run.name, run.problem)
         else:
-            log_path = run.output_dir / LOG_FILE
-            executor.submit(
-                Job(run.name, command, log_path, run.output_dir / RESULTS_FILE, study.env, timeout, waiting)
-            )
+            executor.submit(make_job(study, run, command, timeout, waiting))
             entries[run.name] = entry
             logger.info("%s: %s", run.name, state)
     _write_status(study.output_root, status)
@@ -299,7 +348,8 @@ def run_study(
         for i, result in enumerate(executor.wait(), 1):
             run, entry = study.run(result.name), entries[result.name]
             seconds = {} if result.seconds is None else {"seconds": result.seconds}
-            status[run.name] = {**entry, "status": result.status, **seconds}
+            job_id = {} if result.job_id is None else {"job_id": result.job_id}
+            status[run.name] = {**entry, "status": result.status, **seconds, **job_id}
             if result.error:
                 status[run.name]["error"] = result.error
             where = f"[{i}/{len(entries)}] {run.name}"

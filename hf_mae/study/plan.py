@@ -1,20 +1,24 @@
 """Planning: a study grid (YAML) becomes the list of runs, each after the runs it needs.
 
-A grid (`examples/configs/study_seed.yaml` is the reproduction study's) lists **pretraining variants** and, for each,
-the **evaluations** (fine-tuning regimes, linear probe) of its encoder; `scales` say how the same grid runs at the
-paper's size (`full`) or as a CPU demo (`demo`). Every run becomes one command, `<launcher> -m hf_mae.study KIND
---flags`, the same code as `examples/run_<kind>.py --flags` (plus the k-NN monitor's flags).
+A grid (`hf_mae/recipes/study_seed.yaml`, `--grid seed`, is the reproduction study's) lists **pretraining
+variants** and, for each, the **evaluations** (fine-tuning regimes, linear probe) of its encoder; `scales` say how
+the same grid runs at the paper's size (`full`) or as a CPU demo (`demo`). Every run becomes one command,
+`<launcher> -m hf_mae.study KIND --flags`, the same code as `examples/run_<kind>.py --flags` (plus the k-NN
+monitor's flags).
 
 Grid schema::
 
     name: seed
+    resources: {}                   # defaults of every run's `resources` (below); each level adds to the one above
     evaluations:                    # columns of the table; `kind` finetune or linear_probe
-      small: {kind: finetune, config: finetune_small.yaml, title: small aug}
+      small: {kind: finetune, config: finetune_small.yaml, title: small aug}   # + resources: {...} of its runs
     scales:
       full:
         output_root: outputs/study_seed
-        launcher: accelerate launch --config_file accelerate_configs/single_gpu.yaml   # `python` = this interpreter
+        launcher: accelerate launch --config_file single_gpu   # `python` = this interpreter; --config_file takes
+                                    # a path or the name of an accelerate config shipped with hf_mae
         env: {}                     # extra environment of every run
+        resources: {gpus: 1, time: "24:00:00"}   # over the grid's
         add_evaluations: []         # evaluations added to every pretrained variant that has evaluations
         args:                       # flags over each run's config file: for all kinds, then by kind
           all: {}
@@ -28,27 +32,38 @@ Grid schema::
         paper: {small: 66.76, full: 72.58}               # the seed's numbers, shown next to ours
         evaluate: [small, full]     # evaluation names, or {name: config file} to swap a config (scratch)
         teacher: null               # distill: the variant whose pretrained output is the teacher (teacher_path)
+        resources: {}               # of its pretraining run, over the scale's
         scales: [demo, full]        # where it runs (default: every scale)
         demo: {args: {...}, rows: {...}}   # per-scale overrides of any key above (`args` are merged)
 
 Runs are named `<variant>` (pretraining) and `<variant>-<evaluation>`; each writes into `<output_root>/<name>`.
+
+`resources` are what a run asks a cluster scheduler for (the submitit executor; the local executor runs every job on
+this machine): `gpus` (per node), `nodes`, `time` (minutes, or "[D-]HH:MM:SS"), `partition`, `account`, `qos`,
+`constraint`, `cpus` (per task), `mem` (GB per node, or "64G" / "512M"). Each level adds to the one above: the grid,
+the scale, then the variant's `resources` and its per-scale block's (its pretraining run) or the evaluation's (the
+runs of that evaluation).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..named_configs import accelerate_config_path, grid_path
+
 RUN_KINDS = ("pretrain", "distill", "finetune", "linear_probe")
 PRETRAIN_KINDS = ("pretrain", "distill", "none")
-_VARIANT_KEYS = {"name", "kind", "config", "args", "rows", "paper", "evaluate", "teacher", "scales"}
+_VARIANT_KEYS = {"name", "kind", "config", "args", "rows", "paper", "evaluate", "teacher", "scales", "resources"}
+RESOURCE_KEYS = ("gpus", "nodes", "time", "partition", "account", "qos", "constraint", "cpus", "mem")
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Run:
     variant: str = ""
     evaluation: str | None = None
     problem: str | None = None  # known before running (e.g. a config file missing): the run fails without starting
+    resources: dict[str, Any] = field(default_factory=dict)  # for a cluster scheduler (see the module docstring)
 
     def command(self, launcher: list[str]) -> list[str]:
         return [*launcher, "-m", "hf_mae.study", self.kind, *to_flags(self.args)]
@@ -120,8 +136,82 @@ def to_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
+def parse_minutes(value: Any, where: str) -> int:
+    """A time limit in whole minutes: a number of minutes, or Slurm's "[D-]HH:MM[:SS]" / "MM:SS" text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where} must be minutes or '[D-]HH:MM:SS', got {value!r}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d+)(?::(\d+))?", value.strip())
+        if not match:
+            raise ValueError(f"{where} must be minutes or '[D-]HH:MM:SS', got {value!r}")
+        days, a, b, c = (int(x) if x else 0 for x in match.groups())
+        # HH:MM:SS, D-HH:MM or MM:SS (Slurm reads a bare two-part value as minutes:seconds)
+        hours, minutes, seconds = (a, b, c) if match.group(4) or match.group(1) else (0, a, b)
+        value = days * 1440 + hours * 60 + minutes + seconds / 60
+    minutes = int(-(-value // 1))  # whole minutes, rounded up: a limit is never shortened
+    if minutes <= 0:
+        raise ValueError(f"{where} must be positive, got {value!r}")
+    return minutes
+
+
+def _parse_mem(value: Any, where: str) -> float:
+    """Memory in GB: a number of GB, or "64G" / "64GB" / "512M" / "1T"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([MGT])B?", str(value).strip(), flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{where} must be GB (a positive number) or like '64G' / '512M', got {value!r}")
+    return float(match.group(1)) * {"M": 1 / 1024, "G": 1.0, "T": 1024.0}[match.group(2).upper()]
+
+
+def check_resources(resources: Any, where: str) -> dict[str, Any]:
+    """A `resources` mapping of the grid, checked and normalised (`time` in minutes, `mem` in GB); `ValueError`
+    naming `where` and the key for an unknown key or a bad value."""
+    if resources is None:
+        return {}
+    if not isinstance(resources, dict):
+        raise ValueError(f"{where}: resources must be a mapping of {', '.join(RESOURCE_KEYS)}, got {resources!r}")
+    unknown = sorted(set(resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown resources {unknown}; known: {', '.join(RESOURCE_KEYS)}")
+    checked: dict[str, Any] = {}
+    for key, value in resources.items():
+        if value is None:
+            continue
+        if key in ("gpus", "nodes", "cpus"):
+            low = 0 if key == "gpus" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}: resources.{key} must be an integer >= {low}, got {value!r}")
+            checked[key] = value
+        elif key == "time":
+            checked[key] = parse_minutes(value, f"{where}: resources.time")
+        elif key == "mem":
+            checked[key] = _parse_mem(value, f"{where}: resources.mem")
+        else:
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: resources.{key} must be a non-empty string, got {value!r}")
+            checked[key] = value.strip()
+    return checked
+
+
+def parse_launcher(text: str) -> list[str]:
+    """A launcher command line as a list; `python` becomes this interpreter and an accelerate `--config_file` takes
+    the name of a shipped config (`single_gpu`) as well as a path (`FileNotFoundError` listing the names)."""
+    launcher = shlex.split(text)
+    if launcher and launcher[0] == "python":
+        launcher[0] = sys.executable
+    for i, arg in enumerate(launcher):
+        if arg == "--config_file" and i + 1 < len(launcher):
+            launcher[i + 1] = str(accelerate_config_path(launcher[i + 1]))
+        elif arg.startswith("--config_file="):
+            launcher[i] = f"--config_file={accelerate_config_path(arg.split('=', 1)[1])}"
+    return launcher
+
+
 def load_grid(path: str | Path) -> dict[str, Any]:
-    """Read a grid YAML; config paths in it are resolved relative to its folder later (kept under `_dir`)."""
+    """Read a grid YAML (a path, or the name of a grid shipped with hf_mae: `seed`); config paths in it are resolved
+    relative to its folder later (kept under `_dir`)."""
+    path = grid_path(path)
     grid = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     if not isinstance(grid, dict) or "pretraining" not in grid or "scales" not in grid:
         raise ValueError(f"{path}: a study grid needs `scales` and `pretraining`")
@@ -145,10 +235,12 @@ def plan_study(grid: dict[str, Any], scale: str, output_root: str | Path | None 
         raise ValueError(f"scale {scale!r} is not in the grid; it has {', '.join(grid['scales'])}")
     spec = grid["scales"][scale] or {}
     root = Path(output_root or spec.get("output_root") or f"outputs/study_{grid.get('name', 'study')}_{scale}")
-    launcher = shlex.split(spec.get("launcher", "python"))
-    if launcher and launcher[0] == "python":
-        launcher[0] = sys.executable
+    launcher = parse_launcher(spec.get("launcher", "python"))
     scale_args = spec.get("args") or {}
+    scale_resources = {
+        **check_resources(grid.get("resources"), "grid"),
+        **check_resources(spec.get("resources"), f"scale {scale!r}"),
+    }
     evaluations = grid.get("evaluations") or {}
     runs: list[Run] = []
     variants: list[Variant] = []
@@ -169,6 +261,11 @@ def plan_study(grid: dict[str, Any], scale: str, output_root: str | Path | None 
         local = raw.get(scale) or {}
         v = {**raw, **local, "args": {**(raw.get("args") or {}), **(local.get("args") or {})}}
         name, kind = v["name"], v.get("kind", "pretrain")
+        resources = {
+            **scale_resources,
+            **check_resources(raw.get("resources"), f"variant {name!r}"),
+            **check_resources(local.get("resources"), f"variant {name!r}, scale {scale!r}"),
+        }
         if kind not in PRETRAIN_KINDS:
             raise ValueError(f"variant {name!r}: kind must be one of {PRETRAIN_KINDS}, got {kind!r}")
         if name in names:
@@ -185,7 +282,7 @@ def plan_study(grid: dict[str, Any], scale: str, output_root: str | Path | None 
                     raise ValueError(f"variant {name!r}: teacher {v['teacher']!r} is not an earlier variant")
                 args["teacher_path"] = str(teacher.output_dir)
                 depends = (teacher.name,)
-            runs.append(Run(name, kind, root / name, args, depends, name, None, problem))
+            runs.append(Run(name, kind, root / name, args, depends, name, None, problem, resources))
             pretrain_run = name
         evaluate = v.get("evaluate") or []
         evaluate = dict.fromkeys(evaluate) if isinstance(evaluate, list) else dict(evaluate)
@@ -216,6 +313,7 @@ def plan_study(grid: dict[str, Any], scale: str, output_root: str | Path | None 
                     name,
                     evaluation,
                     problem,
+                    {**scale_resources, **check_resources(eval_spec.get("resources"), f"evaluation {evaluation!r}")},
                 )
             )
             evaluation_runs[evaluation] = run_name

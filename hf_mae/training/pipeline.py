@@ -3,6 +3,7 @@ then write the model, its image processor, curves, reconstructions and a model c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -39,6 +40,7 @@ from ..data.device_data import device_train_data
 from ..data.image_datasets import split_validation
 from ..data.streaming import load_streaming_dataset, materialize, prepare_training_for_stream, shuffle_stream
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
+from ..named_configs import recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, build_compute_metrics, topk_predictions
@@ -648,13 +650,31 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """HfArgumentParser over flags, optionally after a YAML / JSON file given as the first argument: the file sets
     the values, checked key by key ([`check_file_values`]), and every flag after it wins over the file
     (`run_finetune.py finetune_full.yaml --model_name_or_path outputs/pt --no_norm_pix_loss`). A key or a flag
-    that no dataclass has is a ValueError naming it."""
+    that no dataclass has is a ValueError naming it.
+
+    `--config NAME_OR_PATH`, anywhere among the flags, is the same file: the name of a recipe shipped with hf_mae
+    (`--config pretrain_mask90`, see [`~hf_mae.named_configs`]) or a path; the other flags win over it as well."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    config = _pop_config_flag(argv)
+    has_file = bool(argv) and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-")
+    if config is not None:
+        if has_file:
+            raise ValueError(f"an argument file ({argv[0]}) and --config {config}: give one of them")
+        argv.insert(0, str(recipe_path(config)))
+    elif has_file:
+        argv[0] = str(recipe_path(argv[0]))  # a path, or the file name of a shipped recipe
     for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means the newest complete checkpoint
         if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
             break
     parser = ArgumentParser(dataclass_types)
+    # listed in --help only: it was taken out of argv above, and SUPPRESS keeps it out of the parsed namespace
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="NAME_OR_PATH",
+        help=f"a recipe file, or the name of one shipped with hf_mae ({', '.join(recipe_names())}); flags win over it",
+    )
     if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-"):
         path = Path(argv.pop(0)).resolve()
         try:
@@ -682,6 +702,25 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
             f"unknown argument(s) {names}: no field of {', '.join(t.__name__ for t in dataclass_types)} (see --help)"
         )
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _pop_config_flag(argv: list[str]) -> str | None:
+    """Remove `--config X` / `--config=X` from `argv` and return X (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+                raise ValueError(f"--config needs a recipe name or a file; recipes: {', '.join(recipe_names())}")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+            del argv[i]
+        else:
+            continue
+        if _pop_config_flag(argv) is not None:
+            raise ValueError("--config is given twice")
+        return value
+    return None
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
