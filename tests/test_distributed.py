@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import TINY, tiny_config
 
-from hf_mae import MAEForImageClassification, MAEForPreTraining
-from hf_mae.training import MAEFinetuningArguments, MAETrainer
+from hf_mae import DMAEConfig, DMAEForPreTraining, MAEConfig, MAEForImageClassification, MAEForPreTraining
+from hf_mae.training import DMAETrainer, DMAETrainingArguments, MAEFinetuningArguments, MAETrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "tests" / "scripts" / "ddp_finetune.py")
@@ -75,6 +75,19 @@ def fsdp_run(tmp_path_factory) -> Path:
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     _check_finished([result], out, 2)
     return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny MAE saved with save_pretrained to teach the DMAE runs: 48 px, patch 8, 128 wide, 4 blocks."""
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    config = MAEConfig(
+        image_size=48, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=1,
+    )  # fmt: skip
+    MAEForPreTraining(config).save_pretrained(path)
+    return path
 
 
 # -- two machines --------------------------------------------------------------------------------------------------
@@ -209,6 +222,18 @@ def test_a_sharded_checkpoint_is_complete_only_with_its_metadata(tmp_path):
     assert ".metadata" in incomplete_reason(checkpoint)  # a kill during the sharded save
     (checkpoint / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"written last")
     assert incomplete_reason(checkpoint) is None
+
+
+def test_dmae_teacher_takes_the_precision_of_the_launch_config(tmp_path, monkeypatch, teacher_dir):
+    # what `accelerate launch --config_file accelerate_configs/fsdp2.yaml` (mixed_precision: bf16) hands a process
+    # run without --bf16: the teacher computes in bf16 like the student, not in fp32 at twice the memory
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = DMAETrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    assert not args.bf16
+    student = DMAEForPreTraining(DMAEConfig(**TINY, teacher_hidden_size=128))
+    trainer = DMAETrainer(model=student, args=args, teacher=teacher_dir)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
 
 
 # -- streaming -----------------------------------------------------------------------------------------------------
