@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 # DMAEConfig fields that DMAETrainingArguments can override (None there = keep the student config's)
 STUDENT_FIELDS = ("student_layer", "projector")
 LOSS_PARTS = ("reconstruction_loss", "distillation_loss")
+# the dtype the teacher is cast to, per mixed-precision mode of the run (others, fp8 included: fp32)
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -156,7 +158,9 @@ class DMAETrainer(MAETrainer):
         # device, the run's dtype (as the student's mixed precision computes), its autocast (in `compute_loss`) and
         # torch.compile. Registering the teacher among the accelerator's models instead would make Trainer.evaluate()
         # before train() take the student for prepared (no autocast), and FSDP would leave the teacher on the CPU.
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        # The accelerator's precision, not `args.bf16` / `args.fp16`: a launch config's `mixed_precision: bf16`
+        # (fsdp2.yaml, multi_gpu.yaml) sets only the former, and would leave the teacher in fp32 (twice the memory).
+        dtype = TEACHER_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
         self.teacher.to(device=self.args.device, dtype=dtype)
         dynamo = self.accelerator.state.dynamo_plugin
         if dynamo.backend != DynamoBackend.NO:
