@@ -183,6 +183,7 @@ class SubmititExecutor(Executor):
         max_timeouts: int = 3,
         poll_s: float | None = None,
     ):
+        super().__init__()
         if cluster not in CLUSTERS:
             raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
         if max_running is not None and max_running < 1:
@@ -199,7 +200,6 @@ class SubmititExecutor(Executor):
         self._queue: list[str] = []  # submitted to this executor, not yet to submitit
         self._live: dict[str, Any] = {}  # name -> submitit job
         self._ids: dict[str, str] = {}
-        self._states: dict[str, str] = {}
         logger.info("submitit executor on %s, files in %s", self.cluster, self.folder)
 
     def _new_executor(self, cluster: str | None):
@@ -218,11 +218,6 @@ class SubmititExecutor(Executor):
         self._jobs[job.name] = job
         self._queue.append(job.name)
         self._states[job.name] = "pending"
-
-    def status(self, name: str) -> str:
-        if name not in self._states:
-            raise ValueError(f"no job {name!r} was submitted")
-        return self._states[name]
 
     def wait(self) -> Iterator[JobResult]:
         try:

@@ -192,9 +192,14 @@ class Executor(abc.ABC):
     def wait(self) -> Iterator[JobResult]:
         """Yield one result per submitted job, as each ends; the queue is empty afterwards."""
 
-    @abc.abstractmethod
+    def __init__(self):
+        self._states: dict[str, str] = {}  # job name -> state, kept up to date by the subclass
+
     def status(self, name: str) -> str:
         """The state of the job called `name`."""
+        if name not in self._states:
+            raise ValueError(f"no job {name!r} was submitted")
+        return self._states[name]
 
 
 def check_submission(job: Job, submitted: Collection[str]) -> None:
@@ -248,19 +253,14 @@ class LocalExecutor(Executor):
     its output in the job's log). A job starts only once `wait()` is iterated."""
 
     def __init__(self, launch: Launch = execute_subprocess):
+        super().__init__()
         self.launch = launch
         self._queue: list[Job] = []
-        self._states: dict[str, str] = {}
 
     def submit(self, job: Job) -> None:
         check_submission(job, {j.name for j in self._queue})
         self._queue.append(job)
         self._states[job.name] = "pending"
-
-    def status(self, name: str) -> str:
-        if name not in self._states:
-            raise ValueError(f"no job {name!r} was submitted")
-        return self._states[name]
 
     def wait(self) -> Iterator[JobResult]:
         try:
