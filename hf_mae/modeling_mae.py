@@ -812,7 +812,8 @@ class MAEForImageClassification(MAEPreTrainedModel):
     `mae.` prefix."""
 
     _allowed_missing_keys = (r"^classifier\.", r"^mae\.fc_norm\.")
-    _allowed_unexpected_keys = (r"^decoder\.", r"^mae\.norm\.")
+    # the final norm a mean-pooling classifier does not build; `mae.` is absent in a bare encoder's checkpoint
+    _allowed_unexpected_keys = (r"^decoder\.", r"^(?:mae\.)?norm\.")
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)

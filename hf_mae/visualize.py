@@ -230,7 +230,8 @@ def curves_figure(
     from matplotlib.lines import Line2D
 
     kept = {name: [c for c in curves if len(c.x)] for name, curves in panels.items()}
-    kept = {name: curves for name, curves in kept.items() if any(len(c.x) > 1 for c in curves)}
+    # distinct x values, not entries: a run's final evaluation repeats the last in-training one at the same step
+    kept = {name: curves for name, curves in kept.items() if any(len(set(c.x)) > 1 for c in curves)}
     if not kept:
         return None
     fig, axes = panel_grid(len(kept), title=title)
@@ -238,7 +239,7 @@ def curves_figure(
     styles: dict[str, set[bool]] = {}
     for ax, (name, curves) in zip(axes, kept.items()):
         for curve in curves:
-            if len(curve.x) == 1:
+            if len(set(curve.x)) == 1:
                 style = {"linestyle": "none", "marker": "o", "markersize": 4}
             else:
                 style = {"linestyle": "--" if curve.validation else "-", "linewidth": 1.2}

@@ -274,3 +274,14 @@ def test_automodel_on_classifier_head_keys_only_drops_the_head(dirs, caplog):
         AutoModel.from_pretrained(root / "finetuned")
     assert any("dropped" in r.getMessage() and "classifier" in r.getMessage() for r in caplog.records)
     assert isinstance(AutoModelForImageClassification.from_pretrained(root / "finetuned"), MAEForImageClassification)
+
+
+def test_encoder_dir_starts_a_classifier(dirs):
+    """A bare encoder's directory (keys without the `mae.` prefix) lists AutoModelForImageClassification: a mean-pooling
+    classifier drops its final norm (as from a pretraining directory), a cls-pooling one loads it."""
+    root, models = dirs
+    for pooling in ("mean", "cls"):
+        classifier = AutoModelForImageClassification.from_pretrained(root / "encoder", num_labels=3, pooling=pooling)
+        assert isinstance(classifier, MAEForImageClassification)
+        assert torch.equal(classifier.mae.blocks[-1].mlp.fc2.weight, models["encoder"].blocks[-1].mlp.fc2.weight)
+    assert torch.equal(classifier.mae.norm.weight, models["encoder"].norm.weight)

@@ -145,6 +145,45 @@ def test_resume_latest_skips_incomplete_checkpoints(tmp_path, caplog):
         resolve_resume_checkpoint(True, tmp_path / "empty")
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 4-step pretraining run with checkpoint-2 and checkpoint-4 (not to be changed: copy it)."""
+    out = tmp_path_factory.mktemp("finished")
+    _trainer(_pretrain_args(out, max_steps=4)).train()
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (("optimizer.pt", "delete"), "optimizer.pt missing"),
+        (("scheduler.pt", "delete"), "scheduler.pt missing"),
+        (("rng_state.pth", "delete"), "rng_state.pth missing"),
+        (("optimizer.pt", "truncate"), "optimizer.pt is unreadable"),
+        (("scheduler.pt", "truncate"), "scheduler.pt is unreadable"),
+        (("rng_state.pth", "truncate"), "rng_state.pth is unreadable"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, tuple) else None,
+)
+def test_a_checkpoint_missing_its_training_state_is_incomplete(finished_run, tmp_path, caplog, damage, reason):
+    """The Trainer would resume without a missing optimizer / scheduler / RNG file (a fresh optimizer: silently not
+    the interrupted run) and fails with a raw error on a truncated one: such a checkpoint is skipped and named."""
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    name, how = damage
+    path = tmp_path / "checkpoint-4" / name
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert reason in incomplete_reason(tmp_path / "checkpoint-4")
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert f"skipping incomplete checkpoint {tmp_path / 'checkpoint-4'}: {reason}" in caplog.text
+    # a save_only_model checkpoint holds no training state at all: it resumes (the weights), as with the Trainer
+    for state in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (tmp_path / "checkpoint-2" / state).unlink()
+    assert incomplete_reason(tmp_path / "checkpoint-2") is None
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL in-process: no `except Exception` and no cleanup handler of the trainer sees it."""
 

@@ -108,6 +108,8 @@ def test_train_and_eval_loss_share_an_axis_and_one_point_series_make_no_panel():
     assert len(single) == 1 and single[0].get_linestyle() == "None" and single[0].get_marker() == "o"
     plt.close(fig)
     assert training_curves_figure([{"loss": 1.0, "step": 1}, {"eval_loss": 1.0, "step": 1}]) is None
+    # a short run: its evaluation at the last step, then the final evaluation at the same step, is still one point
+    assert training_curves_figure([{"eval_loss": 2.3, "eval_top1": 9.7, "step": 3}] * 2) is None
 
 
 def test_grids_have_at_most_four_panels_per_row():

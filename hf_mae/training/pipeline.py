@@ -777,4 +777,9 @@ def run_main(main: Callable[[], Any]) -> int:
         logging.basicConfig(format="%(levelname)s %(message)s")
         logger.error("%s: %s", type(error).__name__, error)
         return 1
+    finally:
+        # a process that exits with its gloo process group alive can abort ("terminate called without an active
+        # exception", exit code -6) after all its work is written: a finished distributed run would read as failed
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
@@ -169,6 +170,41 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
                 f.keys()
         except Exception as error:  # safetensors raises its own error types for a truncated file
             return f"{file.name} is unreadable ({error})"
+    return incomplete_training_state(checkpoint)
+
+
+def incomplete_training_state(checkpoint: Path) -> str | None:
+    """Why the optimizer / scheduler / RNG state of `checkpoint` cannot be resumed from, or None. The Trainer resumes
+    silently without any of these files it does not find (a fresh optimizer, a restarted schedule: not the run that
+    was interrupted), so a checkpoint holding some of them must hold all. One holding none is a `save_only_model`
+    checkpoint, which resumes the weights only, as the Trainer does."""
+    files = {p.name: p for p in checkpoint.iterdir()}
+    optimizer = [
+        name
+        for name, path in files.items()
+        if name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)
+        or name.endswith(f"-{OPTIMIZER_NAME}")  # one per process (tensor / sequence parallel)
+        or (name.startswith("optimizer_") and path.is_dir())  # FSDP's sharded optimizer
+    ]
+    deepspeed = "latest" in files  # DeepSpeed keeps optimizer (and its scheduler) in its global_step folder
+    scheduler = SCHEDULER_NAME in files
+    rng = [name for name in files if re.fullmatch(r"rng_state(_\d+)?\.pth", name)]
+    if not (optimizer or deepspeed or scheduler or rng):
+        return None
+    missing = [
+        what
+        for what, present in ((OPTIMIZER_NAME, optimizer or deepspeed), (SCHEDULER_NAME, scheduler or deepspeed))
+        if not present
+    ] + ([] if rng else ["rng_state.pth"])
+    if missing:
+        return f"{', '.join(missing)} missing (the save was cut short)"
+    for name in optimizer:
+        if files[name].is_dir() and not (files[name] / ".metadata").is_file():
+            return f"{name} has no .metadata (the sharded save was interrupted)"
+    # torch.save writes a zip archive whose directory is at the end: a truncated file has none (a cheap check)
+    for name in sorted(n for n in files if n.endswith((".pt", ".pth")) and files[n].is_file()):
+        if not zipfile.is_zipfile(files[name]):
+            return f"{name} is unreadable (truncated or not a torch.save file)"
     return None
 
 
