@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..named_configs import grid_names
+from ..training.pipeline import run_main
 from .cluster import CLUSTERS, SUBMITIT_MISSING
 from .execute import Executor, format_plan, run_one, run_study
 from .plan import RESOURCE_KEYS, RUN_KINDS, check_resources, load_grid, parse_launcher, plan_study, select_runs
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None, default_grid: str | Path | None = None) 
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # as the example scripts: one message for a bad value, the process group ended
