@@ -709,8 +709,10 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         (["seed", "--grid", "seed"], "a grid twice"),
         (["--grid", "seed", "--resources", "gpus"], "--resources takes KEY=VALUE, got 'gpus'"),
         (["--grid", "seed", "--resources", "gpu=1"], "unknown resources"),
-        (["--grid", "seed", "--max_running", "2"], "--max_running apply to --executor submitit only"),
+        (["--grid", "seed", "--max_running", "2"], "--max_running applies to --executor submitit only"),
         (["--grid", "seed", "--executor", "submitit", "--timeout", "60"], "--timeout is for the local executor"),
+        (["--grid", "seed", "--timeout", "0"], "--timeout takes the seconds a run may take, > 0; got 0"),
+        (["--grid", "seed", "--timeout", "-5"], "--timeout takes the seconds a run may take, > 0; got -5"),
     ]:
         with pytest.raises(SystemExit):
             parse_study_args(argv)
@@ -722,3 +724,5 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
     assert "resources=gpus=1,nodes=1,cpus=10,mem=64.0,time=480,account=me" in text  # the grid's, then --resources
     with pytest.raises(FileNotFoundError, match="no study grid named 'sed'.*study grids: seed"):
         main(["--grid", "sed", "--scale", "demo", "--dry-run"])
+    with pytest.raises(ValueError, match="the launcher '' is empty"):  # not silently the grid's launcher
+        main(["--grid", "seed", "--scale", "demo", "--dry-run", "--launcher", ""])
