@@ -24,7 +24,14 @@ from transformers import (  # noqa: E402
     ViTMAEForPreTraining,
 )
 
-from hf_mae import MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel  # noqa: E402
+from hf_mae import (  # noqa: E402
+    DMAEConfig,
+    DMAEForPreTraining,
+    MAEConfig,
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+)
 from hf_mae.convert import (  # noqa: E402
     convert_official_checkpoint,
     convert_timm_state_dict,
@@ -36,6 +43,7 @@ from hf_mae.convert import (  # noqa: E402
 )
 from hf_mae.convert.__main__ import main  # noqa: E402
 from hf_mae.modeling_mae import interpolate_pos_embed  # noqa: E402
+from hf_mae.training import load_teacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -297,6 +305,26 @@ def test_cli_target_timm(tmp_path, hf_mae_dir, suffix):
     with torch.no_grad():
         expected = model.mae(pixels, mask_ratio=0.0).last_hidden_state
         torch.testing.assert_close(vit.forward_features(pixels), expected, atol=1e-5, rtol=0)
+
+
+def test_a_dmae_student_converts_and_loads_as_the_mae_it_is(tmp_path):
+    # its projector maps into its own teacher's space: dropped, the rest is an MAE (and teaches the next student)
+    config = DMAEConfig(**TINY, norm_pix_loss=True, projector="mlp", teacher_hidden_size=48)
+    student = randomize_(DMAEForPreTraining(config))
+    student.save_pretrained(tmp_path / "dmae")
+    pixels, noise = pixels_and_noise()
+    with torch.no_grad():
+        expected = student.mae(pixels, noise=noise, output_hidden_states=True).hidden_states[-1]
+    for loaded in (load_encoder(tmp_path / "dmae", freeze=True), load_teacher(tmp_path / "dmae")):
+        assert type(loaded.config) is MAEConfig and not hasattr(loaded.config, "projector")
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        with torch.no_grad():
+            got = loaded(pixels, noise=noise, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert main(["--target", "transformers", str(tmp_path / "dmae"), str(tmp_path / "vitmae")]) == 0
+    assert_same_outputs(student, ViTMAEForPreTraining.from_pretrained(tmp_path / "vitmae"))
+    assert main(["--target", "official", str(tmp_path / "dmae"), str(tmp_path / "official.pth")]) == 0
+    assert "projector.weight" not in torch.load(tmp_path / "official.pth")["model"]
 
 
 def test_cli_target_official_round_trip(tmp_path, hf_mae_dir):

@@ -4,8 +4,10 @@ mini-grid (1 pretraining + 1 fine-tuning on digits) end to end."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -446,6 +448,46 @@ def test_an_interrupted_study_records_the_run_it_cut_short(tmp_path):
     assert [Path(c[c.index("--output_dir") + 1]).name for c in fake.commands] == ["mae_b", "mae_b-small"]
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_stops_when_its_job_process_is_killed(tmp_path):
+    # the process that started the run (a submitit job, the study itself) killed with SIGKILL: the run, in a session
+    # of its own, must not train on unseen into the output directory the study records as failed and a rerun resumes
+    pid_file, log = tmp_path / "run.pid", tmp_path / "study.log"
+    run = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    job = (
+        "import sys; from pathlib import Path; from hf_mae.study.execute import execute_subprocess; "
+        f"execute_subprocess([sys.executable, '-c', {run!r}], Path({str(log)!r}), {{}}, None)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", job], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = None
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert parent.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the run outlived its killed job process"
+    finally:
+        parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+    job = Job("a", [], log, tmp_path / "results.json")
+    assert job.failure(-9).startswith("exit code -9 (killed by SIGKILL)")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------------
@@ -667,8 +709,10 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         (["seed", "--grid", "seed"], "a grid twice"),
         (["--grid", "seed", "--resources", "gpus"], "--resources takes KEY=VALUE, got 'gpus'"),
         (["--grid", "seed", "--resources", "gpu=1"], "unknown resources"),
-        (["--grid", "seed", "--max_running", "2"], "--max_running apply to --executor submitit only"),
+        (["--grid", "seed", "--max_running", "2"], "--max_running applies to --executor submitit only"),
         (["--grid", "seed", "--executor", "submitit", "--timeout", "60"], "--timeout is for the local executor"),
+        (["--grid", "seed", "--timeout", "0"], "--timeout takes the seconds a run may take, > 0; got 0"),
+        (["--grid", "seed", "--timeout", "-5"], "--timeout takes the seconds a run may take, > 0; got -5"),
     ]:
         with pytest.raises(SystemExit):
             parse_study_args(argv)
@@ -680,3 +724,5 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
     assert "resources=gpus=1,nodes=1,cpus=10,mem=64.0,time=480,account=me" in text  # the grid's, then --resources
     with pytest.raises(FileNotFoundError, match="no study grid named 'sed'.*study grids: seed"):
         main(["--grid", "sed", "--scale", "demo", "--dry-run"])
+    with pytest.raises(ValueError, match="the launcher '' is empty"):  # not silently the grid's launcher
+        main(["--grid", "seed", "--scale", "demo", "--dry-run", "--launcher", ""])

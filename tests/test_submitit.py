@@ -325,6 +325,12 @@ def test_slurm_jobs_are_checked_before_any_is_submitted(tmp_path, fake_slurm):
         SubmititExecutor(tmp_path / "local", cluster="local").submit(job(launch, resources={"nodes": 2}))
 
 
+def test_slurm_without_slurm_is_an_error_saying_what_to_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    with pytest.raises(ValueError, match="cannot use cluster='slurm' on this machine.*--submitit_cluster local"):
+        SubmititExecutor(tmp_path / "submitit", cluster="slurm")
+
+
 def test_multinode_command_sets_the_machine_flags():
     command = ["accelerate", "launch", "--config_file", "multi_node.yaml", "-m", "hf_mae.study", "pretrain"]
     assert accelerate_launch_end(command) == 2

@@ -1,11 +1,14 @@
 """hf_mae's own directories, and any supported checkpoint -> hf_mae, whatever its format.
 
 [`detect_checkpoint_kind`] tells the formats apart (a directory by its `model_type`, a weights file by its keys);
-[`load_encoder`] hands each to its format module and returns the encoder, e.g. for a DMAE teacher.
+[`load_encoder`] hands each to its format module and returns the encoder, e.g. for a DMAE teacher. A DMAE student's
+directory is an hf_mae directory like an MAE's: it loads (and converts, and teaches the next student) as the MAE it
+is, without the projector that maps its features into its own teacher's space.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..configuration_dmae import DMAEConfig
 from ..configuration_mae import MAEConfig
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, MAEPreTrainedModel
 from .common import (
@@ -36,7 +40,14 @@ SOURCES = TARGETS = ("official", "timm", "transformers")
 CHECKPOINT_KINDS = ("auto", "hf_mae", *SOURCES)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
+HF_MAE_MODEL_TYPES = (MAEConfig.model_type, DMAEConfig.model_type)
+# the class each saved architecture loads as: a DMAE student as the MAE it is
 _HF_MAE_CLASSES = {cls.__name__: cls for cls in (MAEForPreTraining, MAEModel, MAEForImageClassification)}
+_HF_MAE_CLASSES.update(DMAEForPreTraining=MAEForPreTraining, DMAEModel=MAEModel)
+# the fields a DMAEConfig adds to the MAE's: its projector's
+_PROJECTOR_FIELDS = set(inspect.signature(DMAEConfig.__init__).parameters) - set(
+    inspect.signature(MAEConfig.__init__).parameters
+)
 
 
 def _read_config_json(directory: Path) -> dict[str, Any]:
@@ -47,13 +58,19 @@ def _read_config_json(directory: Path) -> dict[str, Any]:
 
 
 def load_hf_mae_model(directory: PathLike, **kwargs: Any) -> MAEPreTrainedModel:
-    """Load an hf_mae `save_pretrained` directory with the class named in its config's `architectures`."""
+    """Load an hf_mae `save_pretrained` directory with the class named in its config's `architectures`; a DMAE
+    student's as the MAE it is (`DMAEForPreTraining` -> `MAEForPreTraining`, its projector dropped)."""
     config = _read_config_json(Path(directory))
-    if config.get("model_type") != MAEConfig.model_type:
-        raise ValueError(f"{directory} holds model_type={config.get('model_type')!r}, not {MAEConfig.model_type!r}")
+    model_type = config.get("model_type")
+    if model_type not in HF_MAE_MODEL_TYPES:
+        raise ValueError(f"{directory} holds model_type={model_type!r}, not one of hf_mae's {HF_MAE_MODEL_TYPES}")
     names = [n for n in config.get("architectures") or [] if n in _HF_MAE_CLASSES]
     if not names:
         raise ValueError(f"{directory}: config.json names no hf_mae architecture ({config.get('architectures')})")
+    if model_type == DMAEConfig.model_type and "config" not in kwargs:
+        student = DMAEConfig.from_pretrained(directory).to_dict()
+        ignored = _PROJECTOR_FIELDS | {"model_type", "architectures", "auto_map", "transformers_version"}
+        kwargs["config"] = MAEConfig(**{k: v for k, v in student.items() if k not in ignored})
     return _HF_MAE_CLASSES[names[0]].from_pretrained(directory, **kwargs)
 
 
@@ -77,14 +94,14 @@ def _reconfigure(model: MAEPreTrainedModel, preset: str | None, overrides: Mappi
 
 
 def detect_checkpoint_kind(path: PathLike) -> str:
-    """ "hf_mae" or "transformers" for a `save_pretrained` directory (by `model_type`); "official" (decoder keys),
-    "timm" (encoder names) or "hf_mae" (`mae.`-prefixed names) for a weights file, by its keys."""
+    """ "hf_mae" (an MAE or DMAE) or "transformers" for a `save_pretrained` directory (by `model_type`); "official"
+    (decoder keys), "timm" (encoder names) or "hf_mae" (`mae.`-prefixed names) for a weights file, by its keys."""
     path = Path(path)
     if path.is_dir():
         model_type = _read_config_json(path).get("model_type")
-        kinds = {MAEConfig.model_type: "hf_mae", "vit_mae": "transformers"}
+        kinds = {**dict.fromkeys(HF_MAE_MODEL_TYPES, "hf_mae"), "vit_mae": "transformers"}
         if model_type not in kinds:
-            raise ValueError(f"{path}: model_type {model_type!r} is neither hf_mae nor vit_mae")
+            raise ValueError(f"{path}: model_type {model_type!r} is none of {', '.join(kinds)}")
         return kinds[model_type]
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{path}: expected a directory or a {'/'.join(CHECKPOINT_SUFFIXES)} file")
@@ -115,8 +132,8 @@ def load_encoder(
     """Load the encoder of any supported MAE / ViT checkpoint as an hf_mae `MAEModel` (a DMAE teacher, features).
 
     Args:
-        path_or_dir: an hf_mae or transformers `save_pretrained` directory, or an official / timm / hf_mae weights
-            file (`.pth`, `.pt`, `.bin`, `.safetensors`).
+        path_or_dir: an hf_mae (MAE or DMAE) or transformers `save_pretrained` directory, or an official / timm /
+            hf_mae weights file (`.pth`, `.pt`, `.bin`, `.safetensors`).
         kind: "auto" (see [`detect_checkpoint_kind`]), "hf_mae", "transformers", "official" or "timm".
         freeze: put the encoder in eval mode with `requires_grad=False` (as a teacher is used).
         preset, config_overrides: as for [`convert_official_checkpoint`]; `image_size` interpolates the position

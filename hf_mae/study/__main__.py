@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..named_configs import grid_names
+from ..training.pipeline import run_main
 from .cluster import CLUSTERS, SUBMITIT_MISSING
 from .execute import Executor, format_plan, run_one, run_study
 from .plan import RESOURCE_KEYS, RUN_KINDS, check_resources, load_grid, parse_launcher, plan_study, select_runs
@@ -83,7 +84,7 @@ def parse_study_args(argv: list[str] | None, default_grid: str | Path | None = N
         given = [f"--{k}" for k in ("submitit_folder", "max_running") if getattr(args, k) is not None]
         given += ["--submitit_cluster"] if args.submitit_cluster != "auto" else []
         if given:
-            parser.error(f"{', '.join(given)} apply to --executor submitit only")
+            parser.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --executor submitit only")
     else:
         try:
             import submitit  # noqa: F401
@@ -94,6 +95,8 @@ def parse_study_args(argv: list[str] | None, default_grid: str | Path | None = N
                 "--timeout is for the local executor; with submitit, set `time` in the grid's resources or "
                 "--resources time=HH:MM:SS (a job that runs out of it is requeued and resumes)"
             )
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout takes the seconds a run may take, > 0; got {args.timeout:g}")
     args.resources = _parse_resources(parser, args.resources)
     return args
 
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None, default_grid: str | Path | None = None) 
     args = parse_study_args(argv, default_grid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     study = plan_study(load_grid(args.grid), args.scale, args.output_root)
-    if args.launcher:
+    if args.launcher is not None:
         study.launcher = parse_launcher(args.launcher)
     for run in study.runs:
         run.resources.update(args.resources)
@@ -148,4 +151,4 @@ def main(argv: list[str] | None = None, default_grid: str | Path | None = None) 
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))  # as the example scripts: one message for a bad value, the process group ended

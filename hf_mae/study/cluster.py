@@ -191,8 +191,13 @@ class SubmititExecutor(Executor):
         self._submitit = import_submitit()
         self.folder = Path(folder)
         self.signal_delay_s, self.max_timeouts = signal_delay_s, max_timeouts
-        # fails here, not at the first job, when the cluster is not there (no srun for slurm)
-        self.cluster = self._new_executor(None if cluster == "auto" else cluster).cluster
+        try:  # fails here, not at the first job, when the cluster is not there (no srun for slurm)
+            self.cluster = self._new_executor(None if cluster == "auto" else cluster).cluster
+        except RuntimeError as error:  # submitit's word for "no Slurm here"
+            raise ValueError(
+                f"the submitit executor cannot use cluster={cluster!r} on this machine ({error}); without Slurm, "
+                "use cluster 'local' (--submitit_cluster local)"
+            ) from error
         self.holds_dependencies = self.cluster != "slurm"  # only Slurm knows dependencies
         self.max_running = (1 if self.cluster != "slurm" else None) if max_running is None else max_running
         self.poll_s = (10.0 if self.cluster == "slurm" else 1.0) if poll_s is None else poll_s

@@ -15,6 +15,7 @@ same command functions as the example scripts (`hf_mae.cli`).
 from __future__ import annotations
 
 import abc
+import ctypes
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
@@ -162,6 +164,11 @@ class Job:
     def failure(self, returncode: int) -> str:
         """Why the job counts as failed, with the tail of its log."""
         why = f"exit code {returncode}" + ("" if returncode else f" but no {self.result_file.name}")
+        if returncode < 0:  # Popen's code for a process ended by a signal
+            try:
+                why += f" (killed by {signal.Signals(-returncode).name})"
+            except ValueError:
+                pass
         return f"{why}\n{log_tail(self.log_path)}"
 
 
@@ -217,13 +224,21 @@ Launch = Callable[[list[str], Path, dict[str, str], float | None], int]
 def execute_subprocess(command: list[str], log_path: Path, env: dict[str, str], timeout: float | None) -> int:
     """Run `command`, stdout and stderr appended to `log_path` after a `=== <start time> <command>` line; the return
     code (124 on timeout). The command runs in a session of its own, so that a timeout, an interrupt or a preemption
-    stops its whole process tree (an `accelerate launch` and its workers), not its first process only."""
+    stops its whole process tree (an `accelerate launch` and its workers), not its first process only. On Linux it
+    also gets SIGTERM when this process dies without a chance to stop it (SIGKILL, the OOM killer): a session of its
+    own would otherwise keep the run training, unseen, into the output directory that the study then records as
+    failed and a rerun resumes in."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== {datetime.now().isoformat(sep=' ', timespec='milliseconds')} {shlex.join(command)}\n")
         log.flush()
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+            preexec_fn=_terminate_with(os.getpid()) if sys.platform.startswith("linux") else None,
         )
         try:
             return process.wait(timeout=timeout)
@@ -234,6 +249,18 @@ def execute_subprocess(command: list[str], log_path: Path, env: dict[str, str], 
         except BaseException:  # KeyboardInterrupt, or the SystemExit of a requeue on preemption
             _stop_process_group(process)
             raise
+
+
+def _terminate_with(parent: int) -> Callable[[], None]:
+    """For `Popen(preexec_fn=...)`, run in the child before its command: SIGTERM to the child when the process that
+    started it ends (Linux's PR_SET_PDEATHSIG); it exits at once if that process is already gone."""
+
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def _stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:

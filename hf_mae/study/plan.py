@@ -198,7 +198,12 @@ def parse_launcher(text: str) -> list[str]:
     """A launcher command line as a list; `python` becomes this interpreter and an accelerate `--config_file` takes
     the name of a shipped config (`single_gpu`) as well as a path (`FileNotFoundError` listing the names)."""
     launcher = shlex.split(text)
-    if launcher and launcher[0] == "python":
+    if not launcher:
+        raise ValueError(
+            f"the launcher {text!r} is empty: give the command that starts a run, e.g. 'python' or "
+            "'accelerate launch --config_file multi_gpu'"
+        )
+    if launcher[0] == "python":
         launcher[0] = sys.executable
     for i, arg in enumerate(launcher):
         if arg == "--config_file" and i + 1 < len(launcher):

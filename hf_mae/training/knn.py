@@ -9,12 +9,11 @@ Feature: the **cls token after the encoder's final norm** (`feature="cls"`), the
 probe reads; `feature="mean"` averages the final-normed patch tokens instead. The encoder sees every patch
 (`mask_ratio=0.0`), in eval mode, without gradients, under the run's bf16/fp16 autocast.
 
-Cost of one evaluation (embedding memory + queries; the k-NN itself, a [Q, M] similarity and a top-k, takes
-milliseconds), measured on this project's 2-core CPU while other jobs shared it, so upper bounds:
-
-- seed ViT-B/8 at 64 px (85 M parameters, 65 tokens), 1000 memory + 500 queries, 2 threads: 362 s in fp32, 196 s
-  under bf16 autocast (AMX). On a GPU those 1500 images are ~17 TFLOP: ~0.1 s of H100 compute.
-- demo-tiny-32 (0.2 M parameters), 1000 memory + 360 queries of digits, 1 thread: 1.0-1.6 s.
+Cost of one evaluation: one unmasked forward pass of the encoder per memory and query image (the k-NN itself, a
+[Q, M] similarity and a top-k, takes milliseconds). For the reproduction study's ViT-B/8 at 64 px (85 M parameters,
+65 tokens) that is ~11 GFLOP per image, ~17 TFLOP for 1000 memory + 500 queries: a fraction of a second on a GPU,
+minutes on a CPU (bf16 autocast halves that where the CPU has bf16 units). Size `knn_eval_steps` and the sample
+counts by it.
 """
 
 from __future__ import annotations

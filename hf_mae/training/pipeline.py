@@ -768,7 +768,10 @@ def check_file_values(values: dict[str, Any], dataclass_types: tuple, origin: st
 
 def run_main(main: Callable[[], Any]) -> int:
     """Run an entry point's `main()`; an error the user can act on (a bad value, a file, a run that stopped on
-    non-finite values) is logged as one message and gives exit code 1 instead of a traceback."""
+    non-finite values) is logged as one message and gives exit code 1 instead of a traceback. Then the distributed
+    process group ends, as `Trainer.end()` ends it at the end of a script: left to the interpreter's exit, gloo's
+    threads can abort a process whose work is all written ("terminate called without an active exception"), and
+    the launch, or the study's run, fails after all."""
     from .trainer import NonFiniteLossError, NonFiniteWeightsError
 
     try:
@@ -778,8 +781,6 @@ def run_main(main: Callable[[], Any]) -> int:
         logger.error("%s: %s", type(error).__name__, error)
         return 1
     finally:
-        # a process that exits with its gloo process group alive can abort ("terminate called without an active
-        # exception", exit code -6) after all its work is written: a finished distributed run would read as failed
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

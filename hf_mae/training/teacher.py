@@ -10,10 +10,8 @@ encoder's modules rather than cutting the encoder in place, so one loaded encode
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +19,7 @@ from torch import nn
 
 from ..configuration_dmae import DMAEConfig, default_distill_layer
 from ..configuration_mae import MAEConfig
-from ..convert import CHECKPOINT_KINDS, load_encoder
+from ..convert import load_encoder
 from ..modeling_mae import MAEModel, interpolate_pos_embed
 
 TEACHER_POS_EMBED = ("interpolate", "center_crop")
@@ -38,27 +36,12 @@ def load_teacher(path: str | os.PathLike, kind: str = "auto") -> MAEModel:
     Raises:
         ValueError: naming `path` and `kind`, whatever the reason the checkpoint cannot be read.
     """
-    if kind not in CHECKPOINT_KINDS:
-        raise ValueError(f"teacher_kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-    path = Path(path)
     try:
-        if kind in ("auto", "hf_mae") and _model_type(path) == DMAEConfig.model_type:
-            # a DMAE student teaches the next one: its encoder (its decoder and projector are pretraining heads)
-            encoder = MAEModel.from_pretrained(path)
-        else:
-            encoder = load_encoder(path, kind=kind, freeze=True)
+        return load_encoder(path, kind=kind, freeze=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"teacher_path={str(path)!r} (teacher_kind={kind!r}) cannot be loaded as an MAE / ViT teacher: {error}"
         ) from error
-    return encoder.eval().requires_grad_(False)
-
-
-def _model_type(path: Path) -> str | None:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def teacher_layout(
