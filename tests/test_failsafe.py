@@ -245,6 +245,36 @@ def test_atomic_checkpoints_hold_what_the_stock_trainer_writes(tmp_path, monkeyp
     assert [name for name, _ in runs["stock"][0]] == [runs["stock"][1]]
 
 
+def test_a_run_whose_final_save_fails_is_not_marked_finished(tmp_path, monkeypatch):
+    """results.json marks a run finished (the study skips it, a rerun refuses to replace it): it must not exist
+    when the final model was refused (NaN weights) or its save was killed half-way."""
+    from hf_mae.study import is_finished
+    from hf_mae.training.pipeline import _finish
+
+    trainer = _trainer(_pretrain_args(tmp_path, max_steps=2))
+    trainer.train()
+    run = type("Run", (), {"output_dir": tmp_path})
+    with torch.no_grad():
+        trainer.model.mae.cls_token.fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError):
+        _finish(trainer, {"eval_loss": float("nan")}, "pretraining", {})
+    assert not is_finished(run)
+    with torch.no_grad():
+        trainer.model.mae.cls_token.fill_(0.0)
+
+    def killed_while_saving(self, output_dir=None, _internal_call=False):
+        (Path(self.args.output_dir) / "model.safetensors").write_bytes(b"half")
+        raise _Killed
+
+    monkeypatch.setattr(MAETrainer, "save_model", killed_while_saving)
+    with pytest.raises(_Killed):
+        _finish(trainer, {"eval_loss": 1.0}, "pretraining", {})
+    assert not is_finished(run)
+    monkeypatch.undo()
+    _finish(trainer, {"eval_loss": 1.0}, "pretraining", {})
+    assert is_finished(run) and (tmp_path / "model.safetensors").stat().st_size > 100
+
+
 def test_full_disk_says_no_space_and_names_the_path(tmp_path, monkeypatch):
     trainer = _trainer(_pretrain_args(tmp_path, max_steps=2))
 

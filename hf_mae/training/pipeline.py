@@ -43,7 +43,7 @@ from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from ..named_configs import recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
-from .trainer import MAETrainer, build_compute_metrics, topk_predictions
+from .trainer import PARTIAL_PREFIX, MAETrainer, build_compute_metrics, topk_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -337,16 +337,25 @@ class _LogHistoryWriter(TrainerCallback):
 
 
 def _finish(trainer: MAETrainer, results: dict, title: str, card: dict[str, Any]) -> None:
-    """Curves, results.json, the Trainer's metrics files and the model card built from them (main process; `card`:
-    `create_model_card`'s arguments), then the final save (model and the run's image processor, the Trainer's
-    `processing_class`), which also pushes everything in output_dir when --push_to_hub is set."""
+    """Curves, the Trainer's metrics files and the model card built from them (main process; `card`:
+    `create_model_card`'s arguments), the final save (model and the run's image processor, the Trainer's
+    `processing_class`), then results.json, and the push of everything in output_dir when --push_to_hub is set.
+
+    results.json comes last because it marks the run finished (the study skips such runs, a rerun refuses to
+    overwrite them): a final save that fails (weights holding NaN, a full disk) or is killed leaves an unfinished
+    run, which resumes from its checkpoints."""
     out = Path(trainer.args.output_dir)
     trainer.save_metrics("final", results)  # final_results.json + all_results.json, which the model card reads
     if trainer.is_world_process_zero():
         plot_training_curves(trainer.state.log_history, out / "curves.png", title=title)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
         trainer.create_model_card(**card)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # no push yet: results.json belongs in it
+    if trainer.is_world_process_zero():
+        partial = out / f"{PARTIAL_PREFIX}results.json"
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(out / "results.json")  # atomic: never a half-written marker
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
 
 def _build_trainer(
