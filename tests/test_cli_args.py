@@ -169,6 +169,32 @@ def test_unknown_flags_are_errors_naming_them(tmp_path, argv, message):
         parse_args(PRETRAIN, ["--output_dir", str(tmp_path), *argv])
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1, got 0"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
+        (["--per_device_eval_batch_size", "-2"], "per_device_eval_batch_size must be >= 1, got -2"),
+        (["--weight_decay", "-0.05"], "weight_decay must be >= 0, got -0.05"),
+        (["--max_grad_norm", "-1"], "max_grad_norm must be >= 0, got -1.0"),
+        (["--max_steps", "0"], "max_steps must be > 0, or -1"),
+        (
+            ["--num_train_epochs", "-1", "--warmup_epochs", "0"],
+            r"num_train_epochs must be > 0 \(or give --max_steps\)",
+        ),
+        (["--max_train_samples", "0"], "max_train_samples must be >= 1"),
+        (["--max_eval_samples", "-5"], "max_eval_samples must be >= 1"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_numbers_transformers_takes_as_they_come_are_checked(tmp_path, flags, message):
+    """transformers does not check these: 0 steps of accumulation ends in a ZeroDivisionError, a batch of 0 in
+    torch's error about `batch_size`, a negative weight decay is applied, max_steps 0 takes one step."""
+    for types in (PRETRAIN, FINETUNE, LINEAR_PROBE):
+        with pytest.raises(ValueError, match=message):
+            parse_args(types, ["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+
+
 def test_unknown_keys_in_the_file_are_errors_naming_them(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"output_dir: {tmp_path}\nmask_ration: 0.9\n")
@@ -308,4 +334,3 @@ def test_hub_flags_reach_every_from_pretrained_and_load_dataset(tmp_path, local_
     assert json.loads((out / "config.json").read_text())["layer_norm_eps"] == 1e-5  # --config_name's
     assert json.loads((out / "preprocessor_config.json").read_text())["image_std"] == [0.25] * 3  # the processor's
     assert len(json.loads((out / "config.json").read_text())["id2label"]) == 2
-

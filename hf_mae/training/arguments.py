@@ -116,6 +116,18 @@ class MAETrainingArguments(TrainingArguments):
             # pinned batches copied without blocking the host: a blocking copy waits for the GPU to finish the
             # previous step, a host sync per batch
             self.accelerator_config.non_blocking = True
+        # transformers takes these as they come: 0 ends in a ZeroDivisionError or torch's "batch_size should be a
+        # positive integer", and a negative weight decay or clipping norm is used (or ignored) silently
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0:  # the Trainer would take one step
+            raise ValueError("max_steps must be > 0, or -1 to train for num_train_epochs; got 0")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
         for name in ("learning_rate", "base_learning_rate"):
             value = getattr(self, name)
             if isinstance(value, str):  # from a YAML / JSON file or a plain constructor call

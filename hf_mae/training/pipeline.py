@@ -169,6 +169,10 @@ class DataArguments:
     def __post_init__(self):
         if self.train_val_split is not None and not 0 <= self.train_val_split < 1:
             raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or not given, for all of them), got {value}")
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
