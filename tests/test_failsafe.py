@@ -350,6 +350,8 @@ def test_config_overrides_on_a_saved_model_are_validated(tmp_path):
         ("learning_rate: fast\n", r"learning_rate must be a number, got 'fast'"),
         ("- output_dir\n- x\n", r"expected a mapping .* got list"),
         ("42\n", r"expected a mapping .* got int"),
+        ("model_name_or_path: {a: 1}\n", r"model_name_or_path must be a string, got \{'a': 1\}"),
+        ("resume_from_checkpoint: [out/checkpoint-2]\n", r"resume_from_checkpoint must be a string, got \["),
     ],
 )
 def test_bad_yaml_values_name_the_key(tmp_path, text, message):
@@ -361,9 +363,13 @@ def test_bad_yaml_values_name_the_key(tmp_path, text, message):
 
 def test_yaml_strings_take_their_field_types(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(f"output_dir: {tmp_path}\nreport_to: none\nmax_steps: '7'\nbf16: 'no'\nmask_ratio: '0.6'\n")
-    _, _, args = parse_args((ModelArguments, DataArguments, MAEPretrainingArguments), [str(path)])
+    path.write_text(f"output_dir: {tmp_path}\nreport_to: none\nmax_steps: '7'\nbf16: 'no'\nmask_ratio: '0.6'\n"
+                    "model_revision: 1234\nresume_from_checkpoint: true\n")  # fmt: skip
+    model_args, _, args = parse_args((ModelArguments, DataArguments, MAEPretrainingArguments), [str(path)])
     assert args.max_steps == 7 and args.bf16 is False and args.mask_ratio == 0.6
+    assert model_args.model_revision == "1234"  # a string, as on the command line
+    with pytest.raises(ValueError, match="latest: no complete checkpoint"):  # `true` means the newest checkpoint
+        resolve_resume_checkpoint(args.resume_from_checkpoint, tmp_path)
 
 
 def test_example_rerun_into_a_finished_run_stops_with_a_message(tmp_path):

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -776,6 +777,12 @@ def check_file_values(values: dict[str, Any], dataclass_types: tuple, origin: st
             except (TypeError, ValueError):
                 kind = "an integer" if base is int else "a number"
                 raise ValueError(f"{origin}: {key} must be {kind}, got {value!r}") from None
+        elif hint is str or (
+            typing.get_origin(hint) in (typing.Union, types.UnionType) and set(args) == {str, type(None)}
+        ):
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"{origin}: {key} must be a string, got {value!r}")
+            checked[key] = str(value)  # as the command line reads it: `model_revision: 1234` is "1234"
     return checked
 
 
