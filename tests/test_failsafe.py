@@ -623,3 +623,17 @@ def test_a_tiny_imagenet_class_without_train_images_is_an_error_naming_it(tmp_pa
     (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn01\t0\t0\t7\t7\n")
     with pytest.raises(ValueError, match=r"class folder\(s\) of .*train hold no readable image: .*train/n02/images\."):
         load_tiny_imagenet(str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_fine_tuning_on_a_single_class_is_an_error(tmp_path):
+    """One class (or a folder nested one level too deep, whose only "class" is the extra level) trains to loss 0 and
+    100% top-1: a result that means nothing."""
+    from hf_mae.training import run_finetuning
+
+    args = MAEFinetuningArguments(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, use_cpu=True)
+    for layout in ({"cat/a.png": None, "cat/b.png": None}, {"all/cat/a.png": None, "all/dog/b.png": None}):
+        train = _image_folder(tmp_path / f"train{next(iter(layout))[0]}", layout)
+        data = DataArguments(train_dir=str(train), validation_dir=str(train))
+        with pytest.raises(ValueError, match=rf"at least 2 classes, the train split of {train} has 1 \((cat|all)\)"):
+            run_finetuning(ModelArguments(preset="demo-tiny-32"), data, args)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

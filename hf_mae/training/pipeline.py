@@ -563,6 +563,12 @@ def run_finetuning(
         raise ValueError(
             "fine-tuning needs the class names: the train split's `label` column is not a datasets ClassLabel"
         )
+    if len(names) < 2:  # one class trains to loss 0 and 100% accuracy: a result that means nothing
+        where = f" of {data_args.train_dir}" if data_args.train_dir else ""
+        raise ValueError(
+            f"fine-tuning needs at least 2 classes, the train split{where} has {len(names)} ({', '.join(names)}); "
+            "an image folder holds one subfolder of images per class (train_dir/<class>/<image>)"
+        )
     config.update(
         dict(
             num_labels=len(names),
