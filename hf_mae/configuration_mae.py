@@ -203,6 +203,17 @@ class MAEConfig(PretrainedConfig):
             raise ValueError(f"MAEConfig.use_fc_norm must be None, True or False, got {self.use_fc_norm!r}")
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        # transformers names the file when it is not JSON, but valid JSON that is no object ends in a TypeError
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its config.json holds a {type(config_dict).__name__}, not a JSON "
+                "object of config fields"
+            )
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         # `from_pretrained(path, **overrides)` sets the overrides after __init__'s checks: check them too
         result = super().from_dict(config_dict, **kwargs)

@@ -417,6 +417,18 @@ def test_from_pretrained_with_truncated_weights_names_the_directory(tmp_path):
         MAEForPreTraining.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("text, message", [("{not json", "is not a valid JSON file"), ("[1, 2]", "holds a list")])
+def test_a_config_json_that_is_no_json_object_names_the_file(tmp_path, text, message):
+    from hf_mae.training import load_teacher
+
+    MAEForPreTraining(MAEConfig(**TINY)).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*{message}"):
+        load_teacher(str(tmp_path))
+    with pytest.raises((ValueError, OSError), match=rf"{tmp_path}.*(config.json|{message})"):
+        MAEConfig.from_pretrained(tmp_path)
+
+
 # -- exact resume mid-epoch ------------------------------------------------------------------------------------------
 
 

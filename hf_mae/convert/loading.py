@@ -54,7 +54,13 @@ def _read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} is not a save_pretrained directory (no config.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a valid JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a JSON object of config fields")
+    return config
 
 
 def load_hf_mae_model(directory: PathLike, **kwargs: Any) -> MAEPreTrainedModel:
