@@ -280,6 +280,7 @@ class MAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.BatchNorm1d):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)  # else left as allocated (garbage) when loaded without a head
         elif isinstance(module, MAEModel):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             init.copy_(module.pos_embed, get_2d_sincos_pos_embed(module.pos_embed.shape[-1], *module.grid_size)[None])

@@ -58,6 +58,15 @@ def test_classifier_from_pretraining_checkpoint(pretrained_dir, caplog):
     assert clf(torch.randn(2, 3, 16, 16)).logits.shape == (2, 4)
 
 
+def test_a_new_linear_probe_head_starts_with_a_zero_batch_count(pretrained_dir):
+    """BatchNorm's num_batches_tracked is a buffer the checkpoint lacks: it must be initialised, not left as the
+    memory it was allocated in (it is saved with every checkpoint)."""
+    path, _ = pretrained_dir
+    for _ in range(5):  # the allocator hands back different memory; before the fix some of it was never zero
+        model = MAEForImageClassification.from_pretrained(path, num_labels=3, head_type="linear_probe")
+        assert model.classifier[0].num_batches_tracked.item() == 0
+
+
 def test_strict_loading_rejects_unexpected_and_missing(tmp_path):
     from safetensors.torch import load_file, save_file
 
