@@ -114,8 +114,10 @@ def test_a_finished_run_is_not_overwritten_without_the_flag(tmp_path):
         _trainer(_pretrain_args(tmp_path, max_steps=4)).train()
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # nothing touched
     # the explicit opt-in replaces it; the old checkpoints go, so `latest` cannot mix the two runs
+    (tmp_path / "results.json").write_text("{}")  # the previous run's mark of a finished run
     _trainer(_pretrain_args(tmp_path, max_steps=2, overwrite_output_dir=True)).train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "results.json").exists()  # a replacement that fails before its end is no finished run
 
 
 def test_resume_latest_skips_incomplete_checkpoints(tmp_path, caplog):

@@ -243,7 +243,8 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | Path)
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse to start a fresh run in a directory that holds a previous one, unless `overwrite`; with `overwrite`
-    the previous run's checkpoints are removed so that a later `--resume_from_checkpoint latest` cannot pick them."""
+    the previous run's checkpoints are removed so that a later `--resume_from_checkpoint latest` cannot pick them,
+    and so is its results.json."""
     out = Path(output_dir)
     for partial in out.glob(f"{PARTIAL_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):  # nothing anyone can resume from
         logger.warning("removing %s, left by a save that was interrupted", partial)
@@ -261,6 +262,9 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     for checkpoint in checkpoints:
         logger.warning("--overwrite_output_dir: removing %s of the previous run", checkpoint)
         shutil.rmtree(checkpoint)
+    # the previous run's mark of a finished run: should the new one fail, it must not look finished (to the study,
+    # to a rerun) with the old run's results
+    (out / "results.json").unlink(missing_ok=True)
 
 
 def _resume_hint(output_dir: str | Path) -> str:
