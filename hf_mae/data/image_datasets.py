@@ -218,6 +218,17 @@ def _folder_dataset(root: str, class_names: Sequence[str] | None, cache_dir: str
                          class_folders=folders, require_every_class=class_names is None)  # fmt: skip
 
 
+def load_dataset_options(trust_remote_code: bool = False, **options: Any) -> dict[str, Any]:
+    """`datasets.load_dataset`'s keyword arguments: `options`, plus `trust_remote_code` only where datasets still
+    runs loading scripts (< 4). Later versions run none and log an error for `trust_remote_code=True`, which
+    `--trust_remote_code` also sets for an image processor's code."""
+    from datasets import __version__
+
+    if trust_remote_code and int(__version__.split(".")[0]) < 4:
+        options["trust_remote_code"] = True
+    return options
+
+
 def rename_validation_split(dataset: DatasetDict) -> DatasetDict:
     """Name the first of the `valid` / `val` splits `validation`, as the trainers expect."""
     from datasets import DatasetDict
@@ -295,7 +306,7 @@ def load_image_dataset(
     from datasets import DatasetDict, load_dataset
 
     if dataset_name is not None:
-        hub = dict(cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
+        hub = load_dataset_options(trust_remote_code, cache_dir=cache_dir, token=token)
         dataset = rename_validation_split(load_dataset(dataset_name, dataset_config_name, **hub))
         for old, new in ((image_column_name, "image"), (label_column_name, "label")):
             if old != new and old in dataset["train"].column_names:

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .image_datasets import _VALIDATION_ALIASES
+from .image_datasets import _VALIDATION_ALIASES, load_dataset_options
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset, IterableDatasetDict
@@ -54,7 +54,7 @@ def load_streaming_dataset(
     """
     from datasets import IterableDatasetDict, load_dataset
 
-    streams = load_dataset(dataset_name, streaming=True, cache_dir=cache_dir, **load_kwargs)
+    streams = load_dataset(dataset_name, streaming=True, **load_dataset_options(cache_dir=cache_dir, **load_kwargs))
     if "train" not in streams:
         raise ValueError(f"--streaming: {dataset_name} has no train split; splits: {sorted(streams)}")
     alias = next((name for name in _VALIDATION_ALIASES if name in streams), None)
