@@ -86,6 +86,18 @@ def test_arguments_scale_lr_and_validate(tmp_path):
     assert "(0, 1)" in MAEPretrainingArguments.__dataclass_fields__["mask_ratio"].metadata["help"]
 
 
+def test_an_explicit_warmup_steps_wins_over_the_recipes_warmup_epochs(tmp_path):
+    from hf_mae.training import parse_args
+
+    types = (ModelArguments, DataArguments, MAEPretrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--num_train_epochs", "2"]
+    default = parse_args(types, [*base, "--warmup_epochs", "1"])[2]
+    assert (default.warmup_epochs, default.warmup_steps) == (1, 0)
+    for steps in ("0", "5"):  # --warmup_steps 0: no warm-up, not the recipe's 40 epochs (more than the whole run)
+        args = parse_args(types, [*base, "--warmup_steps", steps])[2]
+        assert args.warmup_epochs is None and args.get_warmup_steps(100) == int(steps)
+
+
 class _Images(torch.utils.data.Dataset):
     def __len__(self):
         return 32
