@@ -321,7 +321,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, lars):
         model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.0))
         args = MAEFinetuningArguments(
             output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation, max_steps=2, warmup_steps=0, logging_steps=1, lars=lars,
+            gradient_accumulation_steps=accumulation, max_steps=2, warmup_epochs=1, logging_steps=1, lars=lars,
             base_learning_rate=None, learning_rate=1e-2, report_to="none", save_strategy="no", disable_tqdm=True,
             finetune_aug="small", seed=0,
         )  # fmt: skip
