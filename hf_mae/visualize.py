@@ -73,18 +73,30 @@ def panel_grid(
     return fig, axes[:count]
 
 
-def _plain_number(value: float, _position=None) -> str:
+def _plain_number(value: float, digits: int = 6) -> str:
     """A tick label that stands on its own: `2.3015`, `1.00001`, `0.00015`, `6e-6`."""
-    return f"{value:.6g}".replace("e-0", "e-").replace("e+0", "e+")
+    return f"{value:.{digits}g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 def _plain_numbers(ax: Axes) -> None:
     """Every tick labelled in full: no offset (`1e-5 +` above an axis of losses that barely move) and no multiplier
-    floating next to the panel's title (`1e-6` above a learning rate)."""
-    from matplotlib.ticker import FuncFormatter
+    floating next to the panel's title (`1e-6` above a learning rate), with as many digits as it takes to tell the
+    ticks apart (`1.098605`, `1.09861`, not `1.09861` twice)."""
+    from matplotlib.ticker import Formatter
+
+    class PlainFormatter(Formatter):
+        def __call__(self, value, pos=None):
+            return _plain_number(value)
+
+        def format_ticks(self, values):
+            for digits in range(6, 16):
+                labels = [_plain_number(v, digits) for v in values]
+                if len(set(labels)) == len(labels):
+                    break
+            return labels
 
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(FuncFormatter(_plain_number))
+        axis.set_major_formatter(PlainFormatter())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -164,4 +164,5 @@ def test_dmae_card_adds_its_distillation_section(tmp_path):
     DMAETrainer(model=student, args=args, teacher=teacher).create_model_card()
     card = _card(tmp_path)
     assert "## Distillation" in card.text and "| teacher_layer | 3 of 4 |" in card.text
+    assert "DMAE) pretraining (pixel reconstruction + feature distillation from a frozen teacher)" in card.text
     assert "## Training recipe" in card.text and card.data.library_name == "transformers"

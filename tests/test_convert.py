@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
@@ -42,6 +43,7 @@ from hf_mae.convert import (  # noqa: E402
     to_timm_state_dict,
 )
 from hf_mae.convert.__main__ import main  # noqa: E402
+from hf_mae.image_processing_mae import build_image_processor  # noqa: E402
 from hf_mae.modeling_mae import interpolate_pos_embed  # noqa: E402
 from hf_mae.training import load_teacher  # noqa: E402
 
@@ -290,6 +292,11 @@ def test_cli_target_transformers(tmp_path, hf_mae_dir):
     hf = ViTMAEForPreTraining.from_pretrained(tmp_path / "vitmae")
     assert hf.config.norm_pix_loss and hf.config.layer_norm_eps == 1e-6 and hf.config.intermediate_size == 128
     assert_same_outputs(model, hf)
+    # the image processor goes with the weights (`pipeline(model=dir)` needs one), the source's own when it has one
+    assert AutoImageProcessor.from_pretrained(tmp_path / "vitmae").crop_size == {"height": 32, "width": 32}
+    build_image_processor(32, crop_pct=1.0).save_pretrained(directory)
+    assert main(["--target", "transformers", str(directory), str(tmp_path / "vitmae2")]) == 0
+    assert AutoImageProcessor.from_pretrained(tmp_path / "vitmae2").size == {"shortest_edge": 32}
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -234,6 +234,33 @@ def test_image_dataset_validation_dir_and_hub_columns(tmp_path, monkeypatch):
     assert dataset["validation"].num_rows == 2 and sorted(dataset["validation"]["label"]) == [0, 1]  # stratified
 
 
+def test_dataset_columns_are_found_as_run_mae_finds_them_and_named_ones_must_exist(monkeypatch):
+    features = datasets.Features({"img": datasets.Image(), "labels": datasets.ClassLabel(names=["x", "y"])})
+    train = datasets.Dataset.from_dict(
+        {"img": [Image.new("RGB", (4, 4))] * 4, "labels": [0, 1] * 2}, features=features
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": train}))
+    # no flags: img (as run_mae.py) and labels
+    assert load_image_dataset("cifar-like", validation_split_percentage=0)["train"].column_names == ["image", "label"]
+    # a column named that is not there is an error, never a silent fall-back to another one
+    with pytest.raises(ValueError, match=r"cifar-like has no column 'fine_label' \(--label_column_name\); its col"):
+        load_image_dataset("cifar-like", label_column_name="fine_label")
+    with pytest.raises(ValueError, match=r"has no column 'picture' \(--image_column_name\)"):
+        load_image_dataset("cifar-like", image_column_name="picture")
+    unlabelled = datasets.Dataset.from_dict({"pixels": [Image.new("RGB", (4, 4))] * 2})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": unlabelled}))
+    with pytest.raises(ValueError, match=r"No image column \(image or img\) in x; its columns: \['pixels'\]"):
+        load_image_dataset("x")
+    assert load_image_dataset("x", image_column_name="pixels", validation_split_percentage=0)[
+        "train"
+    ].column_names == ["image"]
+    # the label column asked for replaces one already called `label`
+    both = train.add_column("label", [1, 1, 1, 1])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": both}))
+    chosen = load_image_dataset("x", label_column_name="labels", validation_split_percentage=0)["train"]
+    assert sorted(chosen.column_names) == ["image", "label"] and chosen["label"] == [0, 1, 0, 1]
+
+
 def test_digits_fixed_split():
     first, second = load_digits_dataset(image_size=32), load_digits_dataset(image_size=32)
     assert (first["train"].num_rows, first["validation"].num_rows) == (1437, 360)

@@ -310,7 +310,7 @@ def test_warmup_epochs_take_effect_in_a_plain_trainer(tmp_path):
 
     dataset, collator = _device_pretraining_data()  # 32 images, batch 8: 4 steps per epoch
     args = MAEPretrainingArguments(**_common_args(tmp_path, max_steps=-1, num_train_epochs=4, warmup_epochs=2,
-                                                  warmup_steps=0))  # fmt: skip
+                                                  warmup_steps=None))  # fmt: skip
     trainer = transformers.Trainer(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=dataset,
                                    data_collator=collator)  # fmt: skip
     trainer.create_optimizer_and_scheduler(num_training_steps=16)
@@ -320,7 +320,7 @@ def test_warmup_epochs_take_effect_in_a_plain_trainer(tmp_path):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert lrs[8] == pytest.approx(args.learning_rate) and lrs[4] == pytest.approx(args.learning_rate / 2)
-    capped = MAEPretrainingArguments(**_common_args(tmp_path, max_steps=10, warmup_epochs=1, warmup_steps=0))
+    capped = MAEPretrainingArguments(**_common_args(tmp_path, max_steps=10, warmup_epochs=1, warmup_steps=None))
     with pytest.raises(ValueError, match="MAETrainer"):
         capped.get_warmup_steps(10)
 

@@ -726,3 +726,22 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         main(["--grid", "sed", "--scale", "demo", "--dry-run"])
     with pytest.raises(ValueError, match="the launcher '' is empty"):  # not silently the grid's launcher
         main(["--grid", "seed", "--scale", "demo", "--dry-run", "--launcher", ""])
+
+
+def test_a_users_grid_names_the_shipped_recipes(tmp_path):
+    # a grid outside the package builds on the recipes shipped with hf_mae by name; a file next to the grid wins
+    (tmp_path / "finetune_small.yaml").write_text("finetune_aug: small\nnum_train_epochs: 3\n")
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "evaluations: {small: {kind: finetune, config: finetune_small.yaml}}\n"
+        "scales: {s: {output_root: out}}\n"
+        "pretraining:\n"
+        "  - {name: m90, config: pretrain_mask90.yaml, evaluate: [small]}\n"
+        "  - {name: scratch, kind: none, evaluate: {small: scratch_small.yaml}}\n"
+        "  - {name: typo, config: pretrain_mask99.yaml}\n"
+    )
+    study = plan_study(load_grid(path), "s")
+    assert study.run("m90").problem is None and study.run("m90").args["mask_ratio"] == 0.9
+    assert study.run("scratch-small").args["finetune_aug"] == "small" and study.run("scratch-small").problem is None
+    assert study.run("m90-small").args["num_train_epochs"] == 3
+    assert "pretrain_mask99.yaml not found (nor a recipe shipped with hf_mae: " in study.run("typo").problem

@@ -86,6 +86,18 @@ def test_arguments_scale_lr_and_validate(tmp_path):
     assert "(0, 1)" in MAEPretrainingArguments.__dataclass_fields__["mask_ratio"].metadata["help"]
 
 
+def test_an_explicit_warmup_steps_wins_over_the_recipes_warmup_epochs(tmp_path):
+    from hf_mae.training import parse_args
+
+    types = (ModelArguments, DataArguments, MAEPretrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--num_train_epochs", "2"]
+    default = parse_args(types, [*base, "--warmup_epochs", "1"])[2]
+    assert (default.warmup_epochs, default.warmup_steps) == (1, 0)
+    for steps in ("0", "5"):  # --warmup_steps 0: no warm-up, not the recipe's 40 epochs (more than the whole run)
+        args = parse_args(types, [*base, "--warmup_steps", steps])[2]
+        assert args.warmup_epochs is None and args.get_warmup_steps(100) == int(steps)
+
+
 class _Images(torch.utils.data.Dataset):
     def __len__(self):
         return 32
@@ -309,7 +321,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, lars):
         model = MAEForImageClassification(MAEConfig(**TINY, num_labels=3, drop_path_rate=0.0))
         args = MAEFinetuningArguments(
             output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation, max_steps=2, warmup_steps=0, logging_steps=1, lars=lars,
+            gradient_accumulation_steps=accumulation, max_steps=2, warmup_epochs=1, logging_steps=1, lars=lars,
             base_learning_rate=None, learning_rate=1e-2, report_to="none", save_strategy="no", disable_tqdm=True,
             finetune_aug="small", seed=0,
         )  # fmt: skip

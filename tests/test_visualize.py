@@ -144,6 +144,12 @@ def test_axes_print_plain_numbers_without_an_offset():
     assert "1.00002" in loss_ticks and "4e-6" in [t.get_text() for t in fig.axes[1].get_yticklabels()]
     assert "1002" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
     plt.close(fig)
+    # a loss that moves in its sixth digit: each tick still has its own label
+    fig = training_curves_figure([{"eval_loss": 1.0986 + 2e-6 * s, "step": s} for s in range(1, 6)])
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert len(labels) > 2 and len(set(labels)) == len(labels) and "1.098606" in labels, labels
+    plt.close(fig)
 
 
 def _boxes_overlap(a, b) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,12 @@ def _run(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     model = load_hf_mae_model(args.input)
     if args.target == "transformers":
         to_transformers(model).save_pretrained(output)
+        # the hf_mae directory's image processor (transformers' own class) goes with it, so that
+        # `pipeline(model=output)` finds one; the default for the model's image size where it has none
+        source_processor = Path(args.input) / "preprocessor_config.json"
+        if source_processor.is_file():
+            shutil.copyfile(source_processor, output / source_processor.name)
+        model._save_image_processor(output)
     elif args.target == "timm":
         _save_state_dict(to_timm_state_dict(model), output)
         shown = {k: v for k, v in timm_model_kwargs(model).items() if k != "norm_layer"}

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 # Bump when the stored format changes so stale caches are not reused.
 CACHE_VERSION = 1
 _VALIDATION_ALIASES = ("validation", "valid", "val")
+# the columns looked for when --image_column_name / --label_column_name are not given (run_mae.py takes image or img)
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("label", "labels")
 # Every extension PIL can open; other files in an image folder (.txt, .DS_Store, ...) are ignored, as imagefolder does.
 _IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
@@ -218,6 +221,50 @@ def _folder_dataset(root: str, class_names: Sequence[str] | None, cache_dir: str
                          class_folders=folders, require_every_class=class_names is None)  # fmt: skip
 
 
+def load_dataset_options(trust_remote_code: bool = False, **options: Any) -> dict[str, Any]:
+    """`datasets.load_dataset`'s keyword arguments: `options`, plus `trust_remote_code` only where datasets still
+    runs loading scripts (< 4). Later versions run none and log an error for `trust_remote_code=True`, which
+    `--trust_remote_code` also sets for an image processor's code."""
+    from datasets import __version__
+
+    if trust_remote_code and int(__version__.split(".")[0]) < 4:
+        options["trust_remote_code"] = True
+    return options
+
+
+def column_renames(
+    columns: Sequence[str], image_column_name: str | None, label_column_name: str | None, source: str
+) -> dict[str, str]:
+    """The renames that give the data of `source` (its `columns`) the `image` (and `label`) columns the trainers use:
+    from the columns named, or the first of `IMAGE_COLUMNS` / `LABEL_COLUMNS` there is. A named column that is not
+    there, or no image column at all, is a `ValueError` listing the columns."""
+
+    def pick(name: str | None, candidates: tuple[str, ...], flag: str) -> str | None:
+        if name is None:
+            return next((c for c in candidates if c in columns), None)
+        if name not in columns:
+            raise ValueError(f"{source} has no column {name!r} (--{flag}); its columns: {list(columns)}")
+        return name
+
+    image = pick(image_column_name, IMAGE_COLUMNS, "image_column_name")
+    if image is None:
+        raise ValueError(
+            f"No image column ({' or '.join(IMAGE_COLUMNS)}) in {source}; its columns: {list(columns)}. "
+            "Set --image_column_name."
+        )
+    label = pick(label_column_name, LABEL_COLUMNS, "label_column_name")
+    return {old: new for old, new in ((image, "image"), (label, "label")) if old is not None and old != new}
+
+
+def rename_columns(dataset, renames: dict[str, str]):
+    """`dataset` (a `Dataset(Dict)` or its iterable kind) with `renames` applied; a column already holding a new name
+    (`label` beside the `fine_label` asked for) is dropped first."""
+    taken = [new for new in renames.values() if new in (dataset["train"].column_names or [])]
+    if taken:
+        dataset = dataset.remove_columns(taken)
+    return dataset.rename_columns(renames) if renames else dataset
+
+
 def rename_validation_split(dataset: DatasetDict) -> DatasetDict:
     """Name the first of the `valid` / `val` splits `validation`, as the trainers expect."""
     from datasets import DatasetDict
@@ -252,8 +299,8 @@ def load_image_dataset(
     dataset_name: str | None = None,
     train_dir: str | None = None,
     validation_dir: str | None = None,
-    image_column_name: str = "image",
-    label_column_name: str = "label",
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
     validation_split_percentage: float = 10,
     seed: int = 0,
     cache_dir: str | None = None,
@@ -276,10 +323,10 @@ def load_image_dataset(
             Training image folder, used when `dataset_name` is not given.
         validation_dir (`str`, *optional*):
             Validation image folder with the same class folders as `train_dir`.
-        image_column_name (`str`, defaults to `"image"`):
-            Image column of `dataset_name`; renamed to `image`.
-        label_column_name (`str`, defaults to `"label"`):
-            Label column of `dataset_name`; renamed to `label`.
+        image_column_name (`str`, *optional*):
+            Image column of `dataset_name`, renamed to `image` (default: `image`, else `img`, as run_mae.py).
+        label_column_name (`str`, *optional*):
+            Label column of `dataset_name`, renamed to `label` (default: `label`, else `labels`, if any).
         validation_split_percentage (`float`, defaults to 10):
             Percentage of `train` held out as `validation` when there is no validation split (0 to skip).
         seed (`int`, defaults to 0):
@@ -295,16 +342,10 @@ def load_image_dataset(
     from datasets import DatasetDict, load_dataset
 
     if dataset_name is not None:
-        hub = dict(cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
+        hub = load_dataset_options(trust_remote_code, cache_dir=cache_dir, token=token)
         dataset = rename_validation_split(load_dataset(dataset_name, dataset_config_name, **hub))
-        for old, new in ((image_column_name, "image"), (label_column_name, "label")):
-            if old != new and old in dataset["train"].column_names:
-                dataset = dataset.rename_column(old, new)
-        if "image" not in dataset["train"].column_names:
-            raise ValueError(
-                f"No image column {image_column_name!r} in {dataset_name}; columns: {dataset['train'].column_names}. "
-                "Set image_column_name."
-            )
+        columns = dataset["train"].column_names
+        dataset = rename_columns(dataset, column_renames(columns, image_column_name, label_column_name, dataset_name))
     elif train_dir is not None:
         train = _folder_dataset(train_dir, None, cache_dir)
         dataset = DatasetDict({"train": train})

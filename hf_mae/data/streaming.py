@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .image_datasets import _VALIDATION_ALIASES
+from .image_datasets import _VALIDATION_ALIASES, column_renames, load_dataset_options, rename_columns
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset, IterableDatasetDict
@@ -31,8 +31,8 @@ SHUFFLE_BUFFER_SIZE = 10_000
 
 def load_streaming_dataset(
     dataset_name: str,
-    image_column_name: str = "image",
-    label_column_name: str = "label",
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
     cache_dir: str | None = None,
     **load_kwargs,
 ) -> IterableDatasetDict:
@@ -41,8 +41,8 @@ def load_streaming_dataset(
     Args:
         dataset_name (`str`):
             Hub id or local path, as `datasets.load_dataset` takes it (`streaming=True`).
-        image_column_name (`str`, defaults to `"image"`), label_column_name (`str`, defaults to `"label"`):
-            Renamed to `image` / `label`.
+        image_column_name (`str`, *optional*), label_column_name (`str`, *optional*):
+            Renamed to `image` / `label` (default: `image` or `img`, `label` or `labels`).
         cache_dir (`str`, *optional*):
             `datasets` cache directory.
         load_kwargs:
@@ -54,7 +54,7 @@ def load_streaming_dataset(
     """
     from datasets import IterableDatasetDict, load_dataset
 
-    streams = load_dataset(dataset_name, streaming=True, cache_dir=cache_dir, **load_kwargs)
+    streams = load_dataset(dataset_name, streaming=True, **load_dataset_options(cache_dir=cache_dir, **load_kwargs))
     if "train" not in streams:
         raise ValueError(f"--streaming: {dataset_name} has no train split; splits: {sorted(streams)}")
     alias = next((name for name in _VALIDATION_ALIASES if name in streams), None)
@@ -62,15 +62,8 @@ def load_streaming_dataset(
         {"train": streams["train"], **({"validation": streams[alias]} if alias is not None else {})}
     )
     columns = streams["train"].column_names or []
-    for old, new in ((image_column_name, "image"), (label_column_name, "label")):
-        if old != new and old in columns:
-            streams = streams.rename_column(old, new)
-    if "image" not in (streams["train"].column_names or []):
-        raise ValueError(
-            f"--streaming: no image column {image_column_name!r} in {dataset_name}; columns: {columns}. "
-            "Set image_column_name."
-        )
-    return streams
+    renames = column_renames(columns, image_column_name, label_column_name, f"--streaming: {dataset_name}")
+    return rename_columns(streams, renames)
 
 
 def shuffle_stream(

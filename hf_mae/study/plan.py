@@ -26,7 +26,7 @@ Grid schema::
     pretraining:
       - name: mae_default
         kind: pretrain              # pretrain | distill | none (`none`: evaluations of a fresh ViT, the scratch rows)
-        config: pretrain_mask75_dec8x512.yaml   # relative to the grid file
+        config: pretrain_mask75_dec8x512.yaml   # relative to the grid file, or a recipe shipped with hf_mae
         args: {}                    # flags over the config
         rows: {decoder depth: "8", mask ratio: "0.75"}   # table rows it fills: group -> setting
         paper: {small: 66.76, full: 72.58}               # the seed's numbers, shown next to ours
@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from ..named_configs import accelerate_config_path, grid_path
+from ..named_configs import accelerate_config_path, grid_path, recipe_names, recipe_path
 
 RUN_KINDS = ("pretrain", "distill", "finetune", "linear_probe")
 PRETRAIN_KINDS = ("pretrain", "distill", "none")
@@ -225,12 +225,16 @@ def load_grid(path: str | Path) -> dict[str, Any]:
 
 
 def _read_config(grid: dict, name: str | None) -> tuple[dict[str, Any], str | None]:
-    """A run's base config file (relative to the grid) as a dict, or ({}, problem) when it is missing."""
+    """A run's base config file as a dict, or ({}, problem) when it is missing: a path relative to the grid, or the
+    name of a recipe shipped with hf_mae (`pretrain_mask90.yaml`, as `--config` takes it) that the grid's folder
+    does not have, so that a user's own grid can build on the shipped recipes."""
     if not name:
         return {}, None
     path = Path(grid["_dir"]) / name
     if not path.exists():
-        return {}, f"config file {path} not found"
+        if Path(name).name != name or Path(name).stem not in recipe_names():
+            return {}, f"config file {path} not found (nor a recipe shipped with hf_mae: {', '.join(recipe_names())})"
+        path = recipe_path(Path(name).stem)
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}, None
 
 

@@ -57,7 +57,14 @@ class MAETrainingArguments(TrainingArguments):
     )
     min_learning_rate: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
     warmup_epochs: float | None = field(
-        default=None, metadata={"help": "linear warm-up length in epochs (used when --warmup_steps is 0)"}
+        default=None, metadata={"help": "linear warm-up length in epochs (used when --warmup_steps is not given)"}
+    )
+    warmup_steps: float | None = field(
+        default=None,
+        metadata={
+            "help": "linear warm-up in optimizer steps (< 1: a fraction of the run), as in transformers; when given, "
+            "0 included, it wins over --warmup_epochs"
+        },
     )
     layer_decay: float | None = field(
         default=None, metadata={"help": "layer-wise lr decay (MAE fine-tuning: 0.65 ViT-B, 0.75 ViT-L); None = off"}
@@ -109,6 +116,11 @@ class MAETrainingArguments(TrainingArguments):
         non_blocking_given = isinstance(given, (str, Path)) or (
             given is not None and (not isinstance(given, dict) or "non_blocking" in given)
         )
+        if self.warmup_steps is None:
+            self.warmup_steps = 0  # transformers' default: the warm-up is warmup_epochs' (MAETrainer)
+        elif self.warmup_epochs is not None:
+            logger.info("warmup_steps %g given: it wins over warmup_epochs %g", self.warmup_steps, self.warmup_epochs)
+            self.warmup_epochs = None  # so the model card shows what was used
         super().__post_init__()
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; avoids a warning per dataloader

@@ -240,6 +240,16 @@ class DMAETrainer(MAETrainer):
             "distill_weight": self.args.distill_weight,
         }
 
+    def _model_card_summary(self, model, base: str | None, datasets: list[str]) -> str:
+        """MAETrainer's sentence, said of DMAE: the student also learns the teacher's features."""
+        summary = super()._model_card_summary(model, base, datasets)
+        teacher = f"`{self.args.teacher_path}`" if self.args.teacher_path else "a frozen teacher"
+        return summary.replace(
+            "Masked Autoencoder (MAE) pretraining",
+            f"Distilled Masked Autoencoder (DMAE) pretraining (pixel reconstruction + feature distillation from {teacher})",
+            1,
+        )
+
     def model_card_sections(self) -> list[tuple[str, str]]:
         """MAETrainer's card sections plus the distillation spec."""
         return [*super().model_card_sections(), ("Distillation", markdown_table(self.distillation_spec()))]

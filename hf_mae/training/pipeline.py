@@ -144,8 +144,12 @@ class DataArguments:
             "no split)"
         },
     )
-    image_column_name: str = field(default="image")
-    label_column_name: str = field(default="label")
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "image column of --dataset_name (default: image, else img)"}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "label column of --dataset_name (default: label, else labels)"}
+    )
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     crop_pct: float = field(default=0.875, metadata={"help": "eval: resize to size / crop_pct, then center crop"})
@@ -553,7 +557,11 @@ def run_finetuning(
         prepare_training_for_stream(training_args)
     ds = load_data(data_args, config.image_size, training_args.seed, model_args)
     if "label" not in (ds["train"].column_names or []):
-        raise ValueError("fine-tuning needs a labelled dataset: the train split has no `label` column")
+        raise ValueError(
+            f"fine-tuning needs a labelled dataset: the train split of {data_args.train_dir or data_args.dataset_name}"
+            " has no label column (label or labels: set --label_column_name; an image folder is labelled by its "
+            "class sub-folders)"
+        )
     if "validation" not in ds:
         raise ValueError(
             "fine-tuning needs a validation split: give --validation_dir, or a train_val_split > 0 to hold one out"
