@@ -16,8 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..named_configs import grid_names
@@ -124,6 +127,24 @@ def make_executor(args: argparse.Namespace, output_root: Path) -> Executor | Non
     return SubmititExecutor(folder, cluster=args.submitit_cluster, max_running=args.max_running)
 
 
+@contextlib.contextmanager
+def stopped_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a `kill`, the terminal closed, a scheduler ending the study command) stop the study as
+    Ctrl-C does: its executor cancels the jobs it started and the status file records them `interrupted`. Left to
+    their default, they end this process at once, and submitit's jobs (processes of their own, or Slurm jobs) train
+    on unrecorded, beside the same runs submitted again by the next pass."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None, default_grid: str | Path | None = None) -> Path | None:
     """Run the command line `argv` (default: `sys.argv[1:]`); returns the report's `results.md`, or None for a dry
     run or a single run."""
@@ -144,7 +165,8 @@ def main(argv: list[str] | None = None, default_grid: str | Path | None = None) 
         return None
     if not args.report_only:
         executor = make_executor(args, study.output_root)
-        run_study(study, runs, executor, timeout=args.timeout, keep_checkpoints=args.keep_checkpoints)
+        with stopped_like_ctrl_c():
+            run_study(study, runs, executor, timeout=args.timeout, keep_checkpoints=args.keep_checkpoints)
     report = build_report(study)
     print(f"report: {report}")
     return report
