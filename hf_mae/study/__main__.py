@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..named_configs import grid_names
 from ..training.pipeline import run_main
-from .cluster import CLUSTERS, SUBMITIT_MISSING
+from .cluster import CLUSTERS, SUBMITIT_MISSING, SubmititExecutor
 from .execute import Executor, format_plan, run_one, run_study
 from .plan import RESOURCE_KEYS, RUN_KINDS, check_resources, load_grid, parse_launcher, plan_study, select_runs
 from .report import build_report
@@ -121,8 +121,6 @@ def make_executor(args: argparse.Namespace, output_root: Path) -> Executor | Non
     """The executor the command line asks for (None: the local one)."""
     if args.executor == "local":
         return None
-    from .cluster import SubmititExecutor
-
     folder = Path(args.submitit_folder) if args.submitit_folder else output_root / "submitit"
     return SubmititExecutor(folder, cluster=args.submitit_cluster, max_running=args.max_running)
 

@@ -43,7 +43,7 @@ from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from ..named_configs import recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
-from .trainer import MAETrainer, build_compute_metrics, topk_predictions
+from .trainer import MAETrainer, NonFiniteLossError, NonFiniteWeightsError, build_compute_metrics, topk_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -772,8 +772,6 @@ def run_main(main: Callable[[], Any]) -> int:
     process group ends, as `Trainer.end()` ends it at the end of a script: left to the interpreter's exit, gloo's
     threads can abort a process whose work is all written ("terminate called without an active exception"), and
     the launch, or the study's run, fails after all."""
-    from .trainer import NonFiniteLossError, NonFiniteWeightsError
-
     try:
         main()
     except (ValueError, OSError, NonFiniteLossError, NonFiniteWeightsError) as error:

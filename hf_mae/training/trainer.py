@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from ..data import apply_mixup
 from ..data.device_data import DeviceImageDataset
 from ..data.seeding import EpochSeeded, EpochSeededDataset
+from ..metrics import load_topk_accuracy
 from ..modeling_mae import MAEForImageClassification, default_model_card, markdown_table
 from .fsdp import (
     FSDP_MODEL_NAME,
@@ -768,8 +769,6 @@ def topk_predictions(logits: torch.Tensor, labels: torch.Tensor | None = None, k
 def build_compute_metrics(k: int = 5):
     """`compute_metrics` for the Trainer: top-1 and top-k accuracy (in %) through hf_mae's offline `evaluate`
     metric module, from the top-k ids that `topk_predictions` keeps."""
-    from hf_mae.metrics import load_topk_accuracy
-
     metric = load_topk_accuracy()
 
     def compute_metrics(eval_pred) -> dict[str, float]:
