@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
@@ -38,7 +39,13 @@ from ..data import (
 )
 from ..data.device_data import device_train_data
 from ..data.image_datasets import split_validation
-from ..data.streaming import load_streaming_dataset, materialize, prepare_training_for_stream, shuffle_stream
+from ..data.streaming import (
+    check_shards,
+    load_streaming_dataset,
+    materialize,
+    prepare_training_for_stream,
+    shuffle_stream,
+)
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
 from ..named_configs import recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
@@ -224,6 +231,7 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0, model_ar
             trust_remote_code=hub.trust_remote_code,
         )
         ds = {"train": shuffle_stream(streams["train"], seed, data_args.max_train_samples)}
+        check_shards(ds["train"], PartialState().num_processes)
         if "validation" in streams:
             ds["validation"] = materialize(streams["validation"], data_args.max_eval_samples, hub.cache_dir)
         return ds
