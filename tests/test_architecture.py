@@ -1,6 +1,7 @@
 """The floors of docs/ARCHITECTURE.md, read from the import statements of every module of hf_mae (function bodies
 included): a floor imports the floors below it, never the ones above; the tools' command lines are imported by the
-`hf-mae` dispatcher only; callbacks do not import the pipeline; first-party imports stand at the top of modules."""
+`hf-mae` dispatcher only; callbacks do not import the pipeline; first-party imports stand at the top of modules;
+the library's text names no path of the repository's own tests or benchmarks (it ships in the wheel without them)."""
 
 import ast
 from pathlib import Path
@@ -92,6 +93,16 @@ def _violations() -> list[str]:
 
 def test_every_module_imports_only_the_floors_below_it():
     assert _violations() == []
+
+
+def test_the_library_names_no_test_or_benchmark_file():
+    named = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "tests/" in line or "benchmarks/" in line
+    ]
+    assert named == []
 
 
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):

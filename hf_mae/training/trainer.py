@@ -532,8 +532,8 @@ class MAETrainer(Trainer):
             )
 
     def _write_checkpoint(self, staging: Path, final: Path, trial) -> None:
-        """What `Trainer._save_checkpoint` writes, in its order, into `staging`; `best_model_checkpoint` names the
-        final folders (tests/test_failsafe.py checks that the files are those the stock Trainer writes)."""
+        """What `Trainer._save_checkpoint` writes, in its order, into `staging` (the same files as the stock Trainer);
+        `best_model_checkpoint` names the final folders."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         self._saving_checkpoint = True  # save_model: a checkpoint keeps FSDP's sharded model as it is
