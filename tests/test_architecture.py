@@ -95,6 +95,20 @@ def test_every_module_imports_only_the_floors_below_it():
     assert _violations() == []
 
 
+def test_a_constant_is_defined_once():
+    # a module-level tuple of names (choices, suffixes, field lists) stated in two modules is one concept in two homes
+    places: dict[tuple, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple) and len(node.value.elts) > 1:
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                places.setdefault(value, []).append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert {value: where for value, where in places.items() if len(where) > 1} == {}
+
+
 def test_the_library_names_no_test_or_benchmark_file():
     named = [
         f"{path.relative_to(PACKAGE.parent)}:{number}"

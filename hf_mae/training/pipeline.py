@@ -47,7 +47,7 @@ from ..data.streaming import (
     shuffle_stream,
 )
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from ..named_configs import recipe_names, recipe_path
+from ..named_configs import CONFIG_FILE_SUFFIXES, recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
 from .trainer import MAETrainer, NonFiniteLossError, NonFiniteWeightsError, build_compute_metrics, topk_predictions
@@ -622,9 +622,6 @@ def run_finetuning(
     return results
 
 
-ARGUMENT_FILE_SUFFIXES = (".yaml", ".yml", ".json")
-
-
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` without prefix abbreviations (`--mask 0.9` is not `--mask_ratio`), and where an optional
     bool field (default None = keep the config's value) takes `--flag`, `--flag false` and `--no_flag`, as a bool
@@ -664,7 +661,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     (`--config pretrain_mask90`, see [`~hf_mae.named_configs`]) or a path; the other flags win over it as well."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config = _pop_config_flag(argv)
-    has_file = bool(argv) and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-")
+    has_file = bool(argv) and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-")
     if config is not None:
         if has_file:
             raise ValueError(f"an argument file ({argv[0]}) and --config {config}: give one of them")
@@ -683,7 +680,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
         metavar="NAME_OR_PATH",
         help=f"a recipe file, or the name of one shipped with hf_mae ({', '.join(recipe_names())}); flags win over it",
     )
-    if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-"):
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
         path = Path(argv.pop(0)).resolve()
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
