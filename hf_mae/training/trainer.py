@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
@@ -487,10 +487,17 @@ class MAETrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, but a fresh start never overwrites a previous run in output_dir (unless
         `args.overwrite_output_dir`), and `resume_from_checkpoint=True` / `"latest"` takes the newest *complete*
-        checkpoint, skipping (and naming) any that a kill or a full disk left half-written."""
+        checkpoint, skipping (and naming) any that a kill or a full disk left half-written.
+
+        Each process draws its own mask noise, drop path and Mixup / CutMix, as the official MAE seeds process r with
+        `seed + r`: the Trainer seeds every process alike, which would give the images of all processes the same masks
+        at every step. Process 0 keeps the stream of a one-process run; the model is built before, so its
+        initialisation is the same everywhere; a resumed run restores each process's saved generator states."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume is None and self.is_world_process_zero():
             check_output_dir(self.args.output_dir, getattr(self.args, "overwrite_output_dir", False))
+        if self.args.process_index:
+            set_seed(self.args.seed + self.args.process_index)
         self.accelerator.wait_for_everyone()
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
