@@ -314,6 +314,18 @@ class _SetDataEpoch(TrainerCallback):
                 holder.set_epoch(int(state.epoch or 0))
 
 
+class _SeedEachProcess(TrainerCallback):
+    """Each process draws its own mask noise, drop path and Mixup / CutMix, as the official MAE seeds process r with
+    `seed + r`: the Trainer seeds every process alike, which gives the images of all processes the same masks at every
+    step. Done when training begins: the model is built by then (the same initialisation everywhere) and so is the
+    train sampler, which takes the shared seed to shuffle alike on every process. Process 0 keeps the stream of a
+    one-process run; a resumed run then restores each process's saved generator states."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.process_index:
+            set_seed(args.seed + args.process_index)
+
+
 class MAETrainer(Trainer):
     """`transformers.Trainer` with what MAE recipes need and the stock one lacks:
 
@@ -339,6 +351,7 @@ class MAETrainer(Trainer):
         self.mixup = mixup
         self._seeded_train: EpochSeededDataset | None = None
         self.add_callback(_SetDataEpoch(self))
+        self.add_callback(_SeedEachProcess())
         self._model_card_kwargs: dict[str, Any] = {}  # create_model_card's arguments so far
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
@@ -487,17 +500,10 @@ class MAETrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, but a fresh start never overwrites a previous run in output_dir (unless
         `args.overwrite_output_dir`), and `resume_from_checkpoint=True` / `"latest"` takes the newest *complete*
-        checkpoint, skipping (and naming) any that a kill or a full disk left half-written.
-
-        Each process draws its own mask noise, drop path and Mixup / CutMix, as the official MAE seeds process r with
-        `seed + r`: the Trainer seeds every process alike, which would give the images of all processes the same masks
-        at every step. Process 0 keeps the stream of a one-process run; the model is built before, so its
-        initialisation is the same everywhere; a resumed run restores each process's saved generator states."""
+        checkpoint, skipping (and naming) any that a kill or a full disk left half-written."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume is None and self.is_world_process_zero():
             check_output_dir(self.args.output_dir, getattr(self.args, "overwrite_output_dir", False))
-        if self.args.process_index:
-            set_seed(self.args.seed + self.args.process_index)
         self.accelerator.wait_for_everyone()
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
