@@ -55,7 +55,7 @@ def _pretrain_like(arguments, run, argv: list[str] | None) -> dict:
     )
     _log_level(training_args)
     # --knn_eval_steps N logs k-NN top-1 every N steps, on the run's data and evaluation preprocessing
-    monitor = KNNMonitor.from_args(knn_args, data_args, load_datasets=knn_datasets(data_args, model_args))
+    monitor = KNNMonitor.from_args(knn_args, knn_datasets(data_args, model_args))
     return run(model_args, data_args, training_args, extra_callbacks=[monitor] if monitor else None)
 
 

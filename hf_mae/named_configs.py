@@ -22,11 +22,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 ACCELERATE_CONFIGS_DIR = PACKAGE_DIR / "accelerate_configs"
 GRID_PREFIX = "study_"
-_SUFFIXES = (".yaml", ".yml", ".json")
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def _stems(folder: Path) -> list[str]:
-    return sorted(p.stem for p in folder.iterdir() if p.suffix in _SUFFIXES)
+    return sorted(p.stem for p in folder.iterdir() if p.suffix in CONFIG_FILE_SUFFIXES)
 
 
 def recipe_names() -> list[str]:
@@ -50,10 +50,14 @@ def _resolve(value: str | Path, folder: Path, names: list[str], what: str, prefi
         return path
     text = str(value)
     if "/" not in text and "\\" not in text:
-        stem = path.stem if path.suffix in _SUFFIXES else text
+        stem = path.stem if path.suffix in CONFIG_FILE_SUFFIXES else text
         stem = stem[len(prefix) :] if prefix and stem.startswith(prefix) else stem
         if stem in names:
-            return next(folder / f"{prefix}{stem}{s}" for s in _SUFFIXES if (folder / f"{prefix}{stem}{s}").is_file())
+            return next(
+                folder / f"{prefix}{stem}{s}"
+                for s in CONFIG_FILE_SUFFIXES
+                if (folder / f"{prefix}{stem}{s}").is_file()
+            )
         raise FileNotFoundError(f"no {what} named {text!r} (and no such file); {what}s: {', '.join(names)}")
     raise FileNotFoundError(f"{what} file {text} not found; or give the name of one shipped: {', '.join(names)}")
 

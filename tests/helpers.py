@@ -1,4 +1,6 @@
-"""Shared test fixtures: a model small enough that a forward pass takes milliseconds."""
+"""Shared test fixtures: a model small enough that a forward pass takes milliseconds; whether a process runs."""
+
+from pathlib import Path
 
 from hf_mae import MAEConfig
 
@@ -16,3 +18,11 @@ TINY = dict(
 
 def tiny_config(**overrides) -> MAEConfig:
     return MAEConfig(**{**TINY, **overrides})
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

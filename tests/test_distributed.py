@@ -8,6 +8,7 @@ process at the same global batch; the streaming run launches tests/scripts/strea
 the samples each process trained on."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -420,6 +421,31 @@ def test_streaming_load_data_shuffles_transforms_and_reads_validation_once(parqu
     assert epochs[0] != epochs[1] and epochs[0] != list(range(40))  # shuffled, and again each epoch
     limited = load_data(DataArguments(**{**data_args.__dict__, "max_train_samples": 12}), image_size=16, seed=0)
     assert len(list(limited["train"])) == 12
+
+
+def test_streaming_warns_when_the_processes_would_read_unequal_parts(parquet_folder, monkeypatch, caplog):
+    # 4 files: an even share for 2 or 4 processes; over 3, one process reads 2 files and the others 1, and each
+    # cycles through its own, so the examples of the latter would be trained on twice as often
+    from types import SimpleNamespace
+
+    from hf_mae.training import DataArguments, pipeline
+
+    data_args = DataArguments(dataset_name=str(parquet_folder), streaming=True, label_column_name="id")
+    for processes in (2, 3, 4):
+        monkeypatch.setattr(
+            pipeline, "PartialState", lambda n=processes: SimpleNamespace(num_processes=n), raising=False
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_mae.data.streaming"):
+            pipeline.load_data(data_args, image_size=16, seed=0)
+        warned = [r.getMessage() for r in caplog.records if "shards" in r.getMessage()]
+        if processes == 3:
+            assert warned == [
+                "--streaming: 4 shards (files, or parquet row groups) over 3 processes: some processes read 2, others "
+                "1, so the examples of the latter are trained on 2x as often; write a multiple of 3 files"
+            ]
+        else:
+            assert not warned
 
 
 def test_streaming_refuses_what_it_cannot_stream(tmp_path, parquet_folder):

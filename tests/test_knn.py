@@ -58,7 +58,7 @@ def test_knn_arguments_validate():
         KNNArguments(knn_feature="avg")
     with pytest.raises(ValueError, match="knn_temperature"):
         KNNArguments(knn_temperature=0)
-    assert KNNMonitor.from_args(KNNArguments(), data_args=None) is None
+    assert KNNMonitor.from_args(KNNArguments()) is None
 
 
 class _Labelled(torch.utils.data.Dataset):
@@ -110,7 +110,7 @@ def test_from_args_takes_its_data_from_the_given_loader(tmp_path):
         calls.append((image_size, seed))
         return _Labelled(12, 2), _Labelled(6, 3)
 
-    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=2, knn_k=3), data_args=None, load_datasets=load)
+    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=2, knn_k=3), load)
     assert monitor.every_n_steps == 2 and monitor.k == 3 and not calls  # loaded at the start of training only
     model = MAEForPreTraining(MAEConfig(**TINY))
     assert 0 <= monitor.evaluate(model, _args(tmp_path)) <= 100
@@ -121,11 +121,12 @@ def test_from_args_takes_its_data_from_the_given_loader(tmp_path):
         KNNMonitor(1)
 
 
-def test_from_args_default_loader_reads_the_data_arguments():
+def test_the_pipeline_loader_reads_the_data_arguments():
     from hf_mae.training import DataArguments
+    from hf_mae.training.pipeline import knn_datasets
 
     data_args = DataArguments(dataset_name="digits", max_train_samples=20, max_eval_samples=10)
-    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=1), data_args)
+    monitor = KNNMonitor.from_args(KNNArguments(knn_eval_steps=1), knn_datasets(data_args))
     memory, queries = monitor.load_datasets(24, 0)
     assert len(memory) == 20 and len(queries) == 10
     assert memory[0]["pixel_values"].shape == (3, 24, 24) and isinstance(queries[0]["label"], int)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.training_args
+from helpers import process_alive
 from transformers import HfArgumentParser
 
 from hf_mae.study import (
@@ -448,14 +449,6 @@ def test_an_interrupted_study_records_the_run_it_cut_short(tmp_path):
     assert [Path(c[c.index("--output_dir") + 1]).name for c in fake.commands] == ["mae_b", "mae_b-small"]
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie waiting for its reaper does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_run_stops_when_its_job_process_is_killed(tmp_path):
     # the process that started the run (a submitit job, the study itself) killed with SIGKILL: the run, in a session
@@ -477,12 +470,12 @@ def test_a_run_stops_when_its_job_process_is_killed(tmp_path):
         parent.kill()
         parent.wait()
         deadline = time.time() + 10
-        while _alive(child) and time.time() < deadline:
+        while process_alive(child) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _alive(child), "the run outlived its killed job process"
+        assert not process_alive(child), "the run outlived its killed job process"
     finally:
         parent.kill()
-        if child is not None and _alive(child):
+        if child is not None and process_alive(child):
             os.kill(child, signal.SIGKILL)
     job = Job("a", [], log, tmp_path / "results.json")
     assert job.failure(-9).startswith("exit code -9 (killed by SIGKILL)")

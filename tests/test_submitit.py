@@ -5,6 +5,7 @@ scripts the Slurm executor submits (dependencies, resources, requeue and signal)
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from helpers import process_alive
 
 from hf_mae.study import (
     Job,
@@ -164,6 +166,37 @@ def test_local_submitit_study_dependencies_preemption_failures_status_and_report
     again = SubmititExecutor(folder, cluster="local", poll_s=0.2)
     run_study(study, [study.run("mae_a"), study.run("mae_a-small")], executor=again)
     assert not again.start_ready() and read_status(study.output_root)["mae_a"]["job_id"] == status["mae_a"]["job_id"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_terminated_study_command_cancels_its_jobs(tmp_path, worktree_on_path):
+    """SIGTERM to the study command (a `kill`; SIGHUP, the terminal closed, is handled alike) stops it as Ctrl-C does:
+    its submitit job is cancelled and recorded `interrupted`, not left training unseen beside the next pass's."""
+    grid = tmp_path / "grid.yaml"
+    launcher = f"{sys.executable} {FAKE_RUN}"
+    grid.write_text(GRID.format(root=tmp_path / "out", launcher=launcher, all_args="{}", a_args="{fake_hold: true}",
+                                b_args="{}"))  # fmt: skip
+    command = [sys.executable, "-m", "hf_mae.study", str(grid), "--scale", "demo", "--only", "mae_a"]
+    command += ["--executor", "submitit", "--submitit_cluster", "local"]
+    study = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held, task = tmp_path / "out" / "mae_a" / "held.json", None
+    try:
+        deadline = time.time() + 120
+        while not held.exists():
+            assert study.poll() is None and time.time() < deadline, "the held run did not start"
+            time.sleep(0.2)
+        task = json.loads(held.read_text())["task_pid"]
+        study.send_signal(signal.SIGTERM)
+        study.wait(timeout=60)
+        deadline = time.time() + 30
+        while process_alive(task) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not process_alive(task), "the job outlived the study command that started it"
+        assert read_status(tmp_path / "out")["mae_a"]["status"] == "interrupted"
+    finally:
+        study.kill()
+        if task is not None and process_alive(task):
+            os.kill(task, signal.SIGKILL)
 
 
 def test_the_checkpoint_protocol_requeues_the_same_job_resuming(tmp_path):

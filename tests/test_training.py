@@ -154,6 +154,28 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
     assert any("optimizer step(s) skipped" in r.message for r in caplog.records)
 
 
+def test_each_process_draws_its_own_masks(tmp_path, monkeypatch):
+    # the Trainer seeds every process alike; MAETrainer gives process r the official MAE's seed + r, so that the
+    # processes of a DDP run do not mask their images alike at every step (process 0 keeps a one-process run's masks)
+    masks = {}
+
+    class Recording(MAETrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, True, num_items_in_batch)
+            masks.setdefault(self.args.process_index, []).append(out.mask.clone())
+            return (loss, out) if return_outputs else loss
+
+    for rank in (0, 1):
+        monkeypatch.setattr(MAEPretrainingArguments, "process_index", property(lambda self, r=rank: r))
+        torch.manual_seed(0)
+        args = MAEPretrainingArguments(output_dir=str(tmp_path / str(rank)), per_device_train_batch_size=4,
+                                       max_steps=2, warmup_steps=1, report_to="none", save_strategy="no",
+                                       disable_tqdm=True, seed=0)  # fmt: skip
+        Recording(model=MAEForPreTraining(MAEConfig(**TINY)), args=args, train_dataset=_Images()).train()
+    assert len(masks[0]) == len(masks[1]) == 2
+    assert not any(torch.equal(a, b) for a, b in zip(masks[0], masks[1]))
+
+
 def _run(cmd, timeout=600):
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

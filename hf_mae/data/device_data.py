@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .seeding import EpochSeeded
-from .transforms import _decode
+from .transforms import ClassificationCollator, PretrainCollator, _decode
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -254,8 +254,6 @@ class DeviceAugmentCollator(EpochSeeded):
         super().__init__(seed)
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         if fallback is None:
-            from .transforms import ClassificationCollator, PretrainCollator
-
             fallback = PretrainCollator() if dataset.labels is None else ClassificationCollator()
         self.fallback = fallback
 

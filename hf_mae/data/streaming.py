@@ -7,8 +7,9 @@ process) as long as batches are not dispatched from process 0 (`dispatch_batches
 [`prepare_training_for_stream`] sets). The split must be made there and only there: a stream split beforehand with
 `datasets.distributed.split_dataset_by_node` would be split again by accelerate, and each process would train on a
 1 / world_size part of its share. With fewer files than processes, every process reads the whole stream and keeps its
-slice of each global batch (accelerate's `IterableDatasetShard`), which is correct but reads everything everywhere:
-write at least as many files as processes.
+slice of each global batch (accelerate's `IterableDatasetShard`), which is correct but reads everything everywhere;
+with more, a number the processes do not divide gives some processes one file fewer, whose examples are then trained
+on more often ([`check_shards`] warns): write a multiple of the process count in files.
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ def shuffle_stream(
     if max_samples is not None:
         stream = stream.take(max_samples)  # about max_samples in all, split over the processes
     return stream.shuffle(seed=seed, buffer_size=buffer_size)
+
+
+def check_shards(stream: IterableDataset, num_processes: int) -> None:
+    """Warn when the processes of a launch would read unequal parts of `stream`: accelerate gives each process whole
+    shards (files, or parquet row groups) once there are at least as many as processes, and each process cycles
+    through its own, so with a number of shards that the processes do not divide, the examples of the processes with
+    one shard fewer are trained on more often than the others' (2 files against 1: twice as often)."""
+    shards = stream.num_shards
+    if num_processes > 1 and shards > num_processes and shards % num_processes:
+        fewer = shards // num_processes
+        logger.warning(
+            "--streaming: %d shards (files, or parquet row groups) over %d processes: some processes read %d, others "
+            "%d, so the examples of the latter are trained on %.2gx as often; write a multiple of %d files",
+            shards,
+            num_processes,
+            fewer + 1,
+            fewer,
+            (fewer + 1) / fewer,
+            num_processes,
+        )
 
 
 def _examples(stream: IterableDataset, limit: int | None) -> Iterator[dict[str, Any]]:

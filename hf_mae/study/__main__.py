@@ -16,13 +16,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..named_configs import grid_names
 from ..training.pipeline import run_main
-from .cluster import CLUSTERS, SUBMITIT_MISSING
+from .cluster import CLUSTERS, SUBMITIT_MISSING, SubmititExecutor
 from .execute import Executor, format_plan, run_one, run_study
 from .plan import RESOURCE_KEYS, RUN_KINDS, check_resources, load_grid, parse_launcher, plan_study, select_runs
 from .report import build_report
@@ -118,10 +122,31 @@ def make_executor(args: argparse.Namespace, output_root: Path) -> Executor | Non
     """The executor the command line asks for (None: the local one)."""
     if args.executor == "local":
         return None
-    from .cluster import SubmititExecutor
-
     folder = Path(args.submitit_folder) if args.submitit_folder else output_root / "submitit"
     return SubmititExecutor(folder, cluster=args.submitit_cluster, max_running=args.max_running)
+
+
+@contextlib.contextmanager
+def stopped_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a `kill`, the terminal closed, a scheduler ending the study command) stop the study as
+    Ctrl-C does: its executor cancels the jobs it started and the status file records them `interrupted`. Left to
+    their default, they end this process at once, and submitit's jobs (processes of their own, or Slurm jobs) train
+    on unrecorded, beside the same runs submitted again by the next pass."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    # no SIGHUP on Windows
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {number: signal.signal(number, interrupt) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None, default_grid: str | Path | None = None) -> Path | None:
@@ -144,7 +169,8 @@ def main(argv: list[str] | None = None, default_grid: str | Path | None = None) 
         return None
     if not args.report_only:
         executor = make_executor(args, study.output_root)
-        run_study(study, runs, executor, timeout=args.timeout, keep_checkpoints=args.keep_checkpoints)
+        with stopped_like_ctrl_c():
+            run_study(study, runs, executor, timeout=args.timeout, keep_checkpoints=args.keep_checkpoints)
     report = build_report(study)
     print(f"report: {report}")
     return report

@@ -20,8 +20,8 @@ per node, each its node's `accelerate launch` with `--num_machines`, `--machine_
 
 The study's scheduler ([`~hf_mae.study.run_study`]) is the same as with the local executor: skip finished runs,
 resume interrupted ones, `study_status.json` (with each run's Slurm `job_id`), the report. The study command waits
-for its jobs (run it in `tmux` or on a login node); stopping it cancels the jobs it submitted, and the next pass
-resumes them from their checkpoints.
+for its jobs (run it in `tmux` or on a login node); stopping it (Ctrl-C, SIGTERM, SIGHUP) cancels the jobs it
+submitted, and the next pass resumes them from their checkpoints.
 
 submitit is an optional dependency (`pip install "hf_mae[slurm]"`): it is imported when the executor is created.
 """

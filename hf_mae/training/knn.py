@@ -144,7 +144,7 @@ class KNNMonitor(TrainerCallback):
     The caller gives the memory bank and the queries: either `train_dataset` / `eval_dataset` (indexable, items with
     `pixel_values` and `label`), or `load_datasets(image_size, seed) -> (train_dataset, eval_dataset)`, called at the
     start of training with the model's image size and `args.seed` (the image size is the model's, known only then;
-    [`KNNMonitor.from_args`] builds one from hf_mae's `DataArguments`). The first `train_samples` / `eval_samples` are
+    [`KNNMonitor.from_args`] builds one from the `--knn_*` flags). The first `train_samples` / `eval_samples` are
     kept. Pixels are transformed once and cached.
 
     Guarantees:
@@ -195,18 +195,13 @@ class KNNMonitor(TrainerCallback):
     def from_args(
         cls,
         knn_args: KNNArguments,
-        data_args,
         load_datasets: Callable[[int, int], tuple[Any, Any]] | None = None,
     ) -> KNNMonitor | None:
-        """The monitor the flags ask for, or None when `knn_eval_steps` is 0. Its data: `load_datasets`, by default
-        the labelled train / validation splits that `data_args` (hf_mae's `DataArguments`) name, with the eval
-        transform ([`hf_mae.training.pipeline.knn_datasets`])."""
+        """The monitor the flags ask for, or None when `knn_eval_steps` is 0. Its data: `load_datasets`, e.g.
+        [`hf_mae.training.pipeline.knn_datasets`] (the labelled train / validation splits of a run's
+        `DataArguments`, with its evaluation transform)."""
         if not knn_args.knn_eval_steps:
             return None
-        if load_datasets is None:
-            from .pipeline import knn_datasets  # only this flag-driven constructor needs the pipeline
-
-            load_datasets = knn_datasets(data_args)
         return cls(
             knn_args.knn_eval_steps,
             load_datasets=load_datasets,

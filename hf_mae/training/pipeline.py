@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..configuration_mae import MAEConfig
@@ -39,12 +40,25 @@ from ..data import (
 )
 from ..data.device_data import device_train_data
 from ..data.image_datasets import split_validation
-from ..data.streaming import load_streaming_dataset, materialize, prepare_training_for_stream, shuffle_stream
+from ..data.streaming import (
+    check_shards,
+    load_streaming_dataset,
+    materialize,
+    prepare_training_for_stream,
+    shuffle_stream,
+)
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining
-from ..named_configs import recipe_names, recipe_path
+from ..named_configs import CONFIG_FILE_SUFFIXES, recipe_names, recipe_path
 from ..visualize import plot_training_curves, reconstruct, reconstruction_figure, save_figure
 from .arguments import MAEFinetuningArguments, MAEPretrainingArguments, MAETrainingArguments
-from .trainer import PARTIAL_PREFIX, MAETrainer, build_compute_metrics, topk_predictions
+from .trainer import (
+    PARTIAL_PREFIX,
+    MAETrainer,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    build_compute_metrics,
+    topk_predictions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +247,7 @@ def load_data(data_args: DataArguments, image_size: int, seed: int = 0, model_ar
             trust_remote_code=hub.trust_remote_code,
         )
         ds = {"train": shuffle_stream(streams["train"], seed, data_args.max_train_samples)}
+        check_shards(ds["train"], PartialState().num_processes)
         if "validation" in streams:
             ds["validation"] = materialize(streams["validation"], data_args.max_eval_samples, hub.cache_dir)
         return ds
@@ -642,9 +657,6 @@ def run_finetuning(
     return results
 
 
-ARGUMENT_FILE_SUFFIXES = (".yaml", ".yml", ".json")
-
-
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` without prefix abbreviations (`--mask 0.9` is not `--mask_ratio`), and where an optional
     bool field (default None = keep the config's value) takes `--flag`, `--flag false` and `--no_flag`, as a bool
@@ -684,7 +696,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     (`--config pretrain_mask90`, see [`~hf_mae.named_configs`]) or a path; the other flags win over it as well."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config = _pop_config_flag(argv)
-    has_file = bool(argv) and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-")
+    has_file = bool(argv) and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-")
     if config is not None:
         if has_file:
             raise ValueError(f"an argument file ({argv[0]}) and --config {config}: give one of them")
@@ -703,7 +715,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
         metavar="NAME_OR_PATH",
         help=f"a recipe file, or the name of one shipped with hf_mae ({', '.join(recipe_names())}); flags win over it",
     )
-    if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) and not argv[0].startswith("-"):
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
         path = Path(argv.pop(0)).resolve()
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
@@ -806,8 +818,6 @@ def run_main(main: Callable[[], Any]) -> int:
     process group ends, as `Trainer.end()` ends it at the end of a script: left to the interpreter's exit, gloo's
     threads can abort a process whose work is all written ("terminate called without an active exception"), and
     the launch, or the study's run, fails after all."""
-    from .trainer import NonFiniteLossError, NonFiniteWeightsError
-
     try:
         main()
     except (ValueError, OSError, NonFiniteLossError, NonFiniteWeightsError) as error:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from ..data import apply_mixup
 from ..data.device_data import DeviceImageDataset
 from ..data.seeding import EpochSeeded, EpochSeededDataset
+from ..metrics import load_topk_accuracy
 from ..modeling_mae import MAEForImageClassification, default_model_card, markdown_table
 from .fsdp import (
     FSDP_MODEL_NAME,
@@ -317,6 +318,18 @@ class _SetDataEpoch(TrainerCallback):
                 holder.set_epoch(int(state.epoch or 0))
 
 
+class _SeedEachProcess(TrainerCallback):
+    """Each process draws its own mask noise, drop path and Mixup / CutMix, as the official MAE seeds process r with
+    `seed + r`: the Trainer seeds every process alike, which gives the images of all processes the same masks at every
+    step. Done when training begins: the model is built by then (the same initialisation everywhere) and so is the
+    train sampler, which takes the shared seed to shuffle alike on every process. Process 0 keeps the stream of a
+    one-process run; a resumed run then restores each process's saved generator states."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.process_index:
+            set_seed(args.seed + args.process_index)
+
+
 class MAETrainer(Trainer):
     """`transformers.Trainer` with what MAE recipes need and the stock one lacks:
 
@@ -342,6 +355,7 @@ class MAETrainer(Trainer):
         self.mixup = mixup
         self._seeded_train: EpochSeededDataset | None = None
         self.add_callback(_SetDataEpoch(self))
+        self.add_callback(_SeedEachProcess())
         self._model_card_kwargs: dict[str, Any] = {}  # create_model_card's arguments so far
         self._pending_nonfinite: torch.Tensor | None = None  # 1.0 when a loss since the last step was NaN/inf
         self._nonfinite_counts: torch.Tensor | None = None
@@ -535,8 +549,8 @@ class MAETrainer(Trainer):
             )
 
     def _write_checkpoint(self, staging: Path, final: Path, trial) -> None:
-        """What `Trainer._save_checkpoint` writes, in its order, into `staging`; `best_model_checkpoint` names the
-        final folders (tests/test_failsafe.py checks that the files are those the stock Trainer writes)."""
+        """What `Trainer._save_checkpoint` writes, in its order, into `staging` (the same files as the stock Trainer);
+        `best_model_checkpoint` names the final folders."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         self._saving_checkpoint = True  # save_model: a checkpoint keeps FSDP's sharded model as it is
@@ -772,8 +786,6 @@ def topk_predictions(logits: torch.Tensor, labels: torch.Tensor | None = None, k
 def build_compute_metrics(k: int = 5):
     """`compute_metrics` for the Trainer: top-1 and top-k accuracy (in %) through hf_mae's offline `evaluate`
     metric module, from the top-k ids that `topk_predictions` keeps."""
-    from hf_mae.metrics import load_topk_accuracy
-
     metric = load_topk_accuracy()
 
     def compute_metrics(eval_pred) -> dict[str, float]:
