@@ -122,7 +122,10 @@ def test_console_script_dispatch(capsys):
     assert main(["recipe"]) == 0
     listing = capsys.readouterr().out
     assert "pretrain_mask90 " in listing and "study_seed " in listing
-    assert main(["accelerate-config", "multi"]) == 1 and "cpu_2proc, cpu_fsdp2, deepspeed_zero2" in capsys.readouterr().err
+    assert (
+        main(["accelerate-config", "multi"]) == 1
+        and "cpu_2proc, cpu_fsdp2, deepspeed_zero2" in capsys.readouterr().err
+    )
     assert main(["recipe", "nope"]) == 1 and "study grids: seed" in capsys.readouterr().err
     # each command's own --help (linear_probe spelled either way)
     for argv, expected in (
