@@ -190,6 +190,23 @@ class _Killed(BaseException):
     """Stands for SIGKILL in-process: no `except Exception` and no cleanup handler of the trainer sees it."""
 
 
+def test_a_checkpoint_of_another_model_is_refused_naming_it(finished_run, tmp_path):
+    """The Trainer loads a checkpoint non-strictly: a fine-tune resumed from a pretraining checkpoint failed on the
+    optimizer with a message naming neither, and a weights-only checkpoint of another size loaded in part, silently."""
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(finished_run / "checkpoint-4", checkpoint)
+    classifier = MAEForImageClassification(MAEConfig(**TINY, num_labels=3))
+    trainer = MAETrainer(model=classifier, args=MAEFinetuningArguments(**_common_args(tmp_path / "ft")))
+    with pytest.raises(ValueError, match=r"checkpoint-4 does not belong to this run: it holds a MAEForPreTraining"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):  # as --save_only_model writes it
+        (checkpoint / name).unlink()
+    wider = MAEForPreTraining(MAEConfig(**{**TINY, "decoder_hidden_size": 2 * TINY["decoder_hidden_size"]}))
+    trainer = MAETrainer(model=wider, args=_pretrain_args(tmp_path / "pt"))
+    with pytest.raises(ValueError, match=r"checkpoint-4 does not belong .*another model's: other shapes for decoder"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_a_kill_during_a_save_leaves_no_checkpoint_that_looks_complete(tmp_path, caplog, monkeypatch):
     from transformers.trainer_utils import get_last_checkpoint
 

@@ -242,6 +242,39 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | Path)
     return str(resume)
 
 
+def foreign_checkpoint_reason(checkpoint: str | Path, model: torch.nn.Module) -> str | None:
+    """Why `checkpoint`'s weights are not this run's model's, or None when they fit. The Trainer loads a checkpoint
+    non-strictly: another model's weights (a fine-tune's checkpoint given to a pretraining run, another size) load
+    in part, silently for a weights-only checkpoint, or fail later on the optimizer with a message that names
+    neither. Sharded (FSDP) checkpoints are left to torch.distributed.checkpoint, which checks their keys itself."""
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    try:
+        saved_class = (
+            json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("architectures") or [None]
+        )[0]
+    except (OSError, ValueError, AttributeError):
+        saved_class = None
+    if saved_class is not None and saved_class != type(model).__name__:
+        return f"it holds a {saved_class}, this run trains a {type(model).__name__}"
+    shapes = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    if not shapes:
+        return None
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+    resized = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+    problems = [
+        f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes for", resized))
+        if keys
+    ]
+    return "its weights are another model's: " + "; ".join(problems) if problems else None
+
+
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse to start a fresh run in a directory that holds a previous one, unless `overwrite`; with `overwrite`
     the previous run's checkpoints are removed so that a later `--resume_from_checkpoint latest` cannot pick them,
@@ -506,6 +539,10 @@ class MAETrainer(Trainer):
         `args.overwrite_output_dir`), and `resume_from_checkpoint=True` / `"latest"` takes the newest *complete*
         checkpoint, skipping (and naming) any that a kill or a full disk left half-written."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            reason = foreign_checkpoint_reason(resume, self.model)
+            if reason is not None:
+                raise ValueError(f"--resume_from_checkpoint {resume} does not belong to this run: {reason}")
         if resume is None and self.is_world_process_zero():
             check_output_dir(self.args.output_dir, getattr(self.args, "overwrite_output_dir", False))
         self.accelerator.wait_for_everyone()
