@@ -705,3 +705,18 @@ def test_example_configs_parse(name):
     else:
         assert (args.layer_decay, args.drop_path_rate, args.num_train_epochs) == (0.65, 0.1, 300)
         assert model.model_name_or_path.startswith("outputs/distill_seed")
+
+
+def test_a_weights_file_teachers_heads_can_be_given(teacher_sources, tmp_path, caplog):
+    """A timm / official file holds no head count (width / 64 is assumed, and logged): a DMAE run can state it."""
+    assert load_teacher(teacher_sources["timm"]).config.num_attention_heads == 2  # 128 / 64
+    assert "--teacher_num_attention_heads" in caplog.text
+    heads = {k: load_teacher(teacher_sources[k], num_attention_heads=4).config.num_attention_heads
+             for k in ("timm", "official")}  # fmt: skip
+    assert heads == {"timm": 4, "official": 4}
+    with pytest.raises(ValueError, match="num_attention_heads"):  # a directory states its own
+        load_teacher(teacher_sources["hf_mae"], num_attention_heads=4)
+    trainer = make_trainer(
+        make_student(teacher_hidden_size=128), str(teacher_sources["timm"]), tmp_path, teacher_num_attention_heads=8
+    )
+    assert trainer.teacher.blocks[0].attn.num_heads == 8

@@ -275,7 +275,7 @@ def _log_not_in_weights(config: MAEConfig, told_by: Mapping[str, str], origin: s
     if any(told_by[n] == "assumed" for n in names):
         logger.warning(
             "%s: not in the weights: %s. Assumed values are guesses: if one is wrong, pass it (the flag or keyword "
-            "of the same name) or a preset",
+            "of the same name; for a DMAE teacher --teacher_num_attention_heads) or a preset",
             origin,
             shown,
         )

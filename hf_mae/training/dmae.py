@@ -58,6 +58,13 @@ class DMAETrainingArguments(MAEPretrainingArguments):
         },
     )
     teacher_kind: str = field(default="auto", metadata={"help": f"one of {', '.join(CHECKPOINT_KINDS)}"})
+    teacher_num_attention_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "the teacher's attention heads, for an official / timm weights file (not in the weights: "
+            "default width / 64, logged as assumed); a directory states its own"
+        },
+    )
     teacher_layer: int | None = field(
         default=None,
         metadata={
@@ -150,7 +157,7 @@ class DMAETrainer(MAETrainer):
                 )
             teacher = self.args.teacher_path
         if isinstance(teacher, (str, os.PathLike)):
-            teacher = load_teacher(teacher, self.args.teacher_kind)
+            teacher = load_teacher(teacher, self.args.teacher_kind, self.args.teacher_num_attention_heads)
         self.teacher = DMAETeacher(
             teacher, student.config, self.args.teacher_layer, self.args.teacher_pos_embed, self.args.teacher_image_size
         )
@@ -283,7 +290,9 @@ def build_distillation_model(
     inconsistency (teacher file, layers, widths, grid) raises a `ValueError` here, before any data is loaded."""
     if not training_args.teacher_path:
         raise ValueError("DMAE needs a teacher: set --teacher_path")
-    teacher = load_teacher(training_args.teacher_path, training_args.teacher_kind)
+    teacher = load_teacher(
+        training_args.teacher_path, training_args.teacher_kind, training_args.teacher_num_attention_heads
+    )
     config = build_distillation_config(model_args, training_args, teacher.config.hidden_size)
     layer, image_size = teacher_layout(
         teacher.config,

@@ -25,19 +25,21 @@ from ..modeling_mae import MAEModel, interpolate_pos_embed
 TEACHER_POS_EMBED = ("interpolate", "center_crop")
 
 
-def load_teacher(path: str | os.PathLike, kind: str = "auto") -> MAEModel:
+def load_teacher(path: str | os.PathLike, kind: str = "auto", num_attention_heads: int | None = None) -> MAEModel:
     """Load the encoder of a checkpoint as a frozen, eval-mode `MAEModel` at its full depth.
 
     Args:
         path: an hf_mae directory (an MAE, or a DMAE student: a chain of distillations), a transformers ViTMAE
             directory, or an official / timm / hf_mae weights file (`hf_mae.convert.load_encoder` reads them all).
         kind: one of `hf_mae.convert.CHECKPOINT_KINDS` (`"auto"` detects it).
+        num_attention_heads: the teacher's heads, which a weights file does not hold (`None`: width / 64, logged as
+            assumed); a directory states its own, and another value is an error.
 
     Raises:
         ValueError: naming `path` and `kind`, whatever the reason the checkpoint cannot be read.
     """
     try:
-        return load_encoder(path, kind=kind, freeze=True)
+        return load_encoder(path, kind=kind, freeze=True, num_attention_heads=num_attention_heads)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"teacher_path={str(path)!r} (teacher_kind={kind!r}) cannot be loaded as an MAE / ViT teacher: {error}"
