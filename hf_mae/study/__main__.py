@@ -99,6 +99,8 @@ def parse_study_args(argv: list[str] | None, default_grid: str | Path | None = N
                 "--timeout is for the local executor; with submitit, set `time` in the grid's resources or "
                 "--resources time=HH:MM:SS (a job that runs out of it is requeued and resumes)"
             )
+    if args.max_running is not None and args.max_running < 1:
+        parser.error(f"--max_running takes the jobs to run at once, >= 1; got {args.max_running}")
     if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout takes the seconds a run may take, > 0; got {args.timeout:g}")
     args.resources = _parse_resources(parser, args.resources)
