@@ -706,8 +706,8 @@ def test_study_command_line_grid_names_resources_and_executor_flags(tmp_path, ca
         (["--grid", "seed", "--executor", "submitit", "--timeout", "60"], "--timeout is for the local executor"),
         (["--grid", "seed", "--timeout", "0"], "--timeout takes the seconds a run may take, > 0; got 0"),
         (["--grid", "seed", "--timeout", "-5"], "--timeout takes the seconds a run may take, > 0; got -5"),
-        (["--grid", "seed", "--dry-run", "--executor", "submitit", "--max_running", "0"], "--max_running takes the jobs to run at "
-         "once, >= 1; got 0"),  # refused before any run is planned, --dry-run too
+        (["--grid", "seed", "--dry-run", "--executor", "submitit", "--max_running", "0"],
+         "--max_running takes the jobs to run at once, >= 1; got 0"),  # refused before any run is planned
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             parse_study_args(argv)
