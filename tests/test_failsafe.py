@@ -33,7 +33,12 @@ from hf_mae.training import (
     newest_finite_checkpoint,
     parse_args,
 )
-from hf_mae.training.trainer import OutputDirExistsError, incomplete_reason, resolve_resume_checkpoint
+from hf_mae.training.trainer import (
+    OutputDirExistsError,
+    foreign_checkpoint_reason,
+    incomplete_reason,
+    resolve_resume_checkpoint,
+)
 
 
 class _InfGradOnCalls(MAEForPreTraining):
@@ -199,6 +204,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_it(finished_run, tmp_pa
     trainer = MAETrainer(model=classifier, args=MAEFinetuningArguments(**_common_args(tmp_path / "ft")))
     with pytest.raises(ValueError, match=r"checkpoint-4 does not belong to this run: it holds a MAEForPreTraining"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+    # the same weights in a subclass (a user's own forward) are this run's: the keys and shapes decide, not the name
+    assert foreign_checkpoint_reason(checkpoint, _InfGradOnCalls(MAEConfig(**TINY))) is None
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):  # as --save_only_model writes it
         (checkpoint / name).unlink()
     wider = MAEForPreTraining(MAEConfig(**{**TINY, "decoder_hidden_size": 2 * TINY["decoder_hidden_size"]}))

@@ -243,21 +243,14 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | Path)
 
 
 def foreign_checkpoint_reason(checkpoint: str | Path, model: torch.nn.Module) -> str | None:
-    """Why `checkpoint`'s weights are not this run's model's, or None when they fit. The Trainer loads a checkpoint
-    non-strictly: another model's weights (a fine-tune's checkpoint given to a pretraining run, another size) load
-    in part, silently for a weights-only checkpoint, or fail later on the optimizer with a message that names
-    neither. Sharded (FSDP) checkpoints are left to torch.distributed.checkpoint, which checks their keys itself."""
+    """Why `checkpoint`'s weights are not this run's model's, or None when they fit: every key, with its shape. The
+    Trainer loads a checkpoint non-strictly: another model's weights (a fine-tune's checkpoint given to a pretraining
+    run, another size) load in part, silently for a weights-only checkpoint, or fail later on the optimizer with a
+    message that names neither. Sharded (FSDP) checkpoints are left to torch.distributed.checkpoint, which checks
+    their keys itself."""
     from safetensors import safe_open
 
     checkpoint = Path(checkpoint)
-    try:
-        saved_class = (
-            json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("architectures") or [None]
-        )[0]
-    except (OSError, ValueError, AttributeError):
-        saved_class = None
-    if saved_class is not None and saved_class != type(model).__name__:
-        return f"it holds a {saved_class}, this run trains a {type(model).__name__}"
     shapes = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -267,12 +260,20 @@ def foreign_checkpoint_reason(checkpoint: str | Path, model: torch.nn.Module) ->
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     resized = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+    if not (missing or unexpected or resized):
+        return None
+    try:  # the saved class, when the checkpoint names it, says most plainly what went wrong
+        saved_class = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    except (OSError, ValueError, LookupError, TypeError):
+        saved_class = None
+    if saved_class is not None and saved_class != type(model).__name__:
+        return f"it holds a {saved_class}, this run trains a {type(model).__name__}"
     problems = [
         f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes for", resized))
         if keys
     ]
-    return "its weights are another model's: " + "; ".join(problems) if problems else None
+    return "its weights are another model's: " + "; ".join(problems)
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
