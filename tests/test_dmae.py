@@ -720,3 +720,6 @@ def test_a_weights_file_teachers_heads_can_be_given(teacher_sources, tmp_path, c
         make_student(teacher_hidden_size=128), str(teacher_sources["timm"]), tmp_path, teacher_num_attention_heads=8
     )
     assert trainer.teacher.blocks[0].attn.num_heads == 8
+    with pytest.raises(ValueError, match="teacher_num_attention_heads=8, but the teacher given has 2 heads"):
+        make_trainer(make_student(teacher_hidden_size=128), load_teacher(teacher_sources["timm"]), tmp_path,
+                     teacher_num_attention_heads=8)  # fmt: skip

@@ -156,8 +156,14 @@ class DMAETrainer(MAETrainer):
                     "checkpoint path) or set DMAETrainingArguments.teacher_path"
                 )
             teacher = self.args.teacher_path
+        heads = self.args.teacher_num_attention_heads
         if isinstance(teacher, (str, os.PathLike)):
-            teacher = load_teacher(teacher, self.args.teacher_kind, self.args.teacher_num_attention_heads)
+            teacher = load_teacher(teacher, self.args.teacher_kind, heads)
+        elif heads is not None and heads != teacher.config.num_attention_heads:  # a loaded teacher has its heads
+            raise ValueError(
+                f"teacher_num_attention_heads={heads}, but the teacher given has {teacher.config.num_attention_heads} "
+                "heads: load it with load_teacher(path, num_attention_heads=...) or leave the argument unset"
+            )
         self.teacher = DMAETeacher(
             teacher, student.config, self.args.teacher_layer, self.args.teacher_pos_embed, self.args.teacher_image_size
         )
