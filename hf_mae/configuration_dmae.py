@@ -15,7 +15,9 @@ logger = logging.getLogger(__name__)
 PROJECTOR_TYPES = ("linear", "mlp", "none")
 # The one statement of these settings' meaning; DMAETrainingArguments overrides them with the same help and checks.
 STUDENT_LAYER_HELP = "the distilled student block, 1-indexed (default: three quarters of the depth, 9 of 12)"
-PROJECTOR_HELP = "head from the student width to the teacher's: linear (official DMAE), mlp (the seed) or none"
+PROJECTOR_HELP = (
+    "head from the student width to the teacher's: linear (official DMAE), mlp (the reproduction study) or none"
+)
 # Written to config.json by hf_mae before the teacher and the loss became training arguments; read and ignored.
 _TRAINING_FIELDS = (
     "teacher_path",
@@ -65,8 +67,8 @@ class DMAEConfig(MAEConfig):
         student_layer (`int`, *optional*): the student block whose output is distilled, 1-indexed (an index into
             `hidden_states`, whose entry 0 is the embeddings). Defaults to three quarters of the depth (9 of 12).
         projector (`str`, defaults to `"linear"`): head on the student feature: `"linear"` (official DMAE, one
-            `nn.Linear(student, teacher)` with PyTorch's default init), `"mlp"` (the seed: Linear, GELU, Linear, both to
-            the teacher width, MAE's xavier init) or `"none"` (identity; the widths must match).
+            `nn.Linear(student, teacher)` with PyTorch's default init), `"mlp"` (the reproduction study: Linear,
+            GELU, Linear, both to the teacher width, MAE's xavier init) or `"none"` (identity; the widths must match).
         teacher_hidden_size (`int`, *optional*): the teacher's width, which the projector maps to. Needed to build a
             `"linear"` / `"mlp"` projector; `hf_mae.training.run_distillation` fills it from the teacher.
 

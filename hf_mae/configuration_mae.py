@@ -84,7 +84,7 @@ class MAEConfig(PretrainedConfig):
         mask_ratio (`float`, defaults to 0.75): fraction of patches removed in pretraining, in (0, 1).
             `MAEPretrainingArguments.mask_ratio` overrides it (validated by the same `check_mask_ratio`).
         norm_pix_loss (`bool`, defaults to `False`): regress per-patch normalised pixels (mean 0, var 1).
-        norm_pix_eps (`float`, defaults to 1e-6): epsilon of that normalisation (the seed used 1e-5).
+        norm_pix_eps (`float`, defaults to 1e-6): epsilon of that normalisation (the reproduction study used 1e-5).
         drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the encoder blocks, in
             [0, 1). `MAEFinetuningArguments.drop_path_rate` sets it for fine-tuning (same `check_drop_path_rate`).
         pooling (`str`, defaults to `"mean"`): classification feature: `"mean"` (global average of the patch tokens

@@ -69,7 +69,7 @@ def feature_distillation_loss(
         student: [B, N, D] student features after the projector.
         teacher: [B, N, D] teacher features (treated as a constant: detach them or compute them without grad).
         normalize: L2-normalise each token's feature over D first (official DMAE, `F.normalize(dim=-1)`); `False`
-            compares raw features (the seed's reproduction).
+            compares raw features (the reproduction study's reproduction).
         loss_type: "l1" (both papers), "smooth_l1" (Huber with beta 1) or "mse".
         eps: norm floor of the normalisation (`F.normalize`'s default).
     """

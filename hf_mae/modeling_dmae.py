@@ -58,7 +58,7 @@ def build_projector(config: DMAEConfig) -> nn.Module:
         # official DMAE creates its head after the MAE init, so it keeps nn.Linear's own init
         projector.torch_default_init = True
         return projector
-    # the seed builds its MLP inside the encoder before MAE's init, so both layers get xavier / zero bias
+    # the reproduction study builds its MLP inside the encoder before MAE's init, so both layers get xavier / zero bias
     return nn.Sequential(nn.Linear(student, teacher), nn.GELU(), nn.Linear(teacher, teacher))
 
 

@@ -188,9 +188,9 @@ class MAEAttention(nn.Module):
 def _low_precision_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with the scores and softmax in fp32 and the value product in q's dtype.
 
-    At ViT sequence lengths (17 and 65 tokens for the seed's ViT-B/8 at 64 px) this is 3-5x faster, forward +
-    backward, than SDPA's fused CPU kernel in bf16, with errors of the same size (the scores are fp32, as in that
-    kernel). fp32 on CPU and every dtype on GPU keep the fused kernel.
+    At ViT sequence lengths (17 and 65 tokens for the reproduction study's ViT-B/8 at 64 px) this is 3-5x faster,
+    forward + backward, than SDPA's fused CPU kernel in bf16, with errors of the same size (the scores are fp32, as in
+    that kernel). fp32 on CPU and every dtype on GPU keep the fused kernel.
     """
     with torch.autocast("cpu", enabled=False):
         scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # [B, heads, N, N]

@@ -1,6 +1,6 @@
 """The config files that ship inside the package, addressable by name.
 
-- **recipes** (`hf_mae/recipes/*.yaml`): one training command each, the seed's exact settings
+- **recipes** (`hf_mae/recipes/*.yaml`): one training command each, the reproduction study's exact settings
   (`hf-mae pretrain --config pretrain_mask90`);
 - **study grids** (`hf_mae/recipes/study_<name>.yaml`): `hf-mae study --grid seed`; they sit next to the recipes
   because a grid names its runs' config files relative to itself;

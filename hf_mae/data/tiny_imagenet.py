@@ -1,8 +1,9 @@
 """Tiny ImageNet (200 classes, 100k train / 10k validation images of 64x64) from the Hub, its zip, its folder or parquet.
 
 The original layout keeps validation labels only in `val/val_annotations.txt` (`imagefolder` would label every
-validation image "images"), and the seed's loader moved the user's files to fix that. Here the folder or zip is only
-read: it is converted once into an Arrow cache (image bytes embedded) and reloaded from there with `load_from_disk`.
+validation image "images"), and the reproduction study's loader moved the user's files to fix that. Here the folder
+or zip is only read: it is converted once into an Arrow cache (image bytes embedded) and reloaded from there with
+`load_from_disk`.
 """
 
 from __future__ import annotations

@@ -86,10 +86,10 @@ def build_pretrain_transform(
               128), gaussian blur} chosen uniformly per image, then ColorJitter(0.3, 0.3, 0.3). The crop keeps MAE's
               scale (0.2, 1) rather than DeiT III's (0.08, 1) so that `standard` vs `3augment` changes only the
               colour operations (pass `crop_scale=(0.08, 1.0)` for DeiT III's crop). The blur's sigma range, DeiT
-              III's (0.1, 2) at 224 px, is scaled by `image_size / 224` (as the seed did for 64 px).
-            - `"3augment_seed"`: what the reproduction study ran: resize + RandomCrop(padding 4, reflect) (DeiT III's "simple
-              random crop") + flip, then one of {grayscale, solarize with threshold 0 (which inverts every pixel),
-              gaussian blur (kernel 3, sigma (0.1, 2) / 3.5)}, no colour jitter.
+              III's (0.1, 2) at 224 px, is scaled by `image_size / 224` (as the reproduction study did for 64 px).
+            - `"3augment_seed"`: what the reproduction study ran: resize + RandomCrop(padding 4, reflect) (DeiT III's
+              "simple random crop") + flip, then one of {grayscale, solarize with threshold 0 (which inverts every
+              pixel), gaussian blur (kernel 3, sigma (0.1, 2) / 3.5)}, no colour jitter.
         mean (`Sequence[float]`), std (`Sequence[float]`):
             Normalization, ImageNet's by default.
         crop_scale (`tuple[float, float]`, defaults to `(0.2, 1.0)`):
@@ -151,9 +151,10 @@ def build_finetune_transform(
         image_size (`int`):
             Output side.
         aug (`str`, defaults to `"full"`):
-            `"small"`: RandomResizedCrop(scale 0.08-1, bicubic) + flip (the seed's "small augmentation", used without
-            Mixup / CutMix / label smoothing). `"full"`: MAE's recipe through timm's `create_transform`: the same crop +
-            flip, RandAugment `auto_augment`, random erasing (`re_prob`, per-pixel noise, one box).
+            `"small"`: RandomResizedCrop(scale 0.08-1, bicubic) + flip (the reproduction study's "small
+            augmentation", used without Mixup / CutMix / label smoothing). `"full"`: MAE's recipe through timm's
+            `create_transform`: the same crop + flip, RandAugment `auto_augment`, random erasing (`re_prob`, per-pixel
+            noise, one box).
         mean (`Sequence[float]`), std (`Sequence[float]`):
             Normalization, ImageNet's by default.
         auto_augment (`str`, defaults to `"rand-m9-mstd0.5-inc1"`):

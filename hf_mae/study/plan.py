@@ -29,7 +29,7 @@ Grid schema::
         config: pretrain_mask75_dec8x512.yaml   # relative to the grid file, or a recipe shipped with hf_mae
         args: {}                    # flags over the config
         rows: {decoder depth: "8", mask ratio: "0.75"}   # table rows it fills: group -> setting
-        paper: {small: 66.76, full: 72.58}               # the seed's numbers, shown next to ours
+        paper: {small: 66.76, full: 72.58}               # the reproduction study's numbers, shown next to ours
         evaluate: [small, full]     # evaluation names, or {name: config file} to swap a config (scratch)
         teacher: null               # distill: the variant whose pretrained output is the teacher (teacher_path)
         resources: {}               # of its pretraining run, over the scale's

@@ -157,9 +157,9 @@ def write_tables(study: Study, table: list[dict], status: dict[str, dict], out: 
     md = [
         f"# Study `{study.name}`, scale `{study.scale}`",
         "",
-        "Top-1 (%) on the validation split after each evaluation, at the final epoch / the best epoch (the seed "
-        "reports the final one). `recon. loss` is the pretraining's validation reconstruction loss (masked patches, "
-        "norm-pix target; for DMAE without the distillation term)"
+        "Top-1 (%) on the validation split after each evaluation, at the final epoch / the best epoch (the "
+        "reproduction study reports the final one). `recon. loss` is the pretraining's validation reconstruction loss "
+        "(masked patches, norm-pix target; for DMAE without the distillation term)"
         + (
             ", `k-NN top-1` the last k-NN monitor value of the pretraining (cls token, k=20, T=0.07)"
             if has_knn

@@ -76,7 +76,7 @@ class DMAETrainingArguments(MAEPretrainingArguments):
         default="interpolate",
         metadata={
             "help": "fit the teacher's position table to the student's grid: interpolate (bicubic) or center_crop "
-            "(the seed's 128 px image zero-padded to 224 px)"
+            "(the reproduction study's 128 px image zero-padded to 224 px)"
         },
     )
     teacher_image_size: int | None = field(
@@ -87,7 +87,9 @@ class DMAETrainingArguments(MAEPretrainingArguments):
     distill_weight: float = field(default=1.0, metadata={"help": "alpha: loss = pixel + alpha * feature"})
     normalize_features: bool = field(
         default=True,
-        metadata={"help": "compare L2-normalised features (official DMAE); false compares raw ones (the seed)"},
+        metadata={
+            "help": "compare L2-normalised features (official DMAE); false compares raw ones (the reproduction study)"
+        },
     )
     student_layer: int | None = field(
         default=None, metadata={"help": f"overrides DMAEConfig.student_layer: {STUDENT_LAYER_HELP}"}

@@ -100,7 +100,8 @@ def _fit_pos_embed(pos_embed: torch.Tensor, grid: int, mode: str) -> torch.Tenso
     has checked that a crop fits).
 
     `"interpolate"`: bicubic resize. `"center_crop"`: the central grid x grid cells, which is what the teacher sees when
-    the resized image is zero-padded to its native resolution and the padding tokens are dropped (the seed).
+    the resized image is zero-padded to its native resolution and the padding tokens are dropped (the reproduction
+    study).
     """
     if mode == "interpolate":
         return interpolate_pos_embed(pos_embed, grid, grid)
@@ -159,8 +160,8 @@ class DMAETeacher(nn.Module):
 
         Args:
             pixel_values: [B, C, H, W] the student's images. They are resized to `image_size` (bilinear with
-                antialias, torchvision's Resize, as the seed resized 64 -> 128 px), so the teacher's patch grid is the
-                student's.
+                antialias, torchvision's Resize, as the reproduction study resized 64 -> 128 px), so the teacher's
+                patch grid is the student's.
             noise: [B, L] on that grid; the patches are kept as MAE's `random_masking` keeps them. The student's
                 `ids_restore` (as float) is such a noise: it keeps the student's visible patches, in the same order.
             mask_ratio: the student's.
